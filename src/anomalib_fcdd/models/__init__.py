@@ -1,0 +1,5 @@
+"""Models shipped by anomalib-fcdd."""
+
+from .fcdd import Fcdd, FcddHsc
+
+__all__ = ["Fcdd", "FcddHsc"]

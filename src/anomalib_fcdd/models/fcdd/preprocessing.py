@@ -1,0 +1,240 @@
+"""Deterministic FCDD input normalisation that travels inside the model (and so inside exported graphs).
+
+The reference ``lcnaug1`` pipeline normalises every image in two steps (fcdd-method.md sec. 5):
+
+1. *Local contrast normalisation* (a per-image, global one despite its name)::
+
+       x' = (x - mean(x)) / mean(|x - mean(x)|)        (means over all C*H*W values of one image)
+
+   The division is skipped for a constant image, whose mean absolute deviation is 0.
+
+2. *Min-max* with per-channel constants ``lo_c``, ``hi_c`` (the per-channel extremes of step 1 over the training
+   images)::
+
+       x'' = (x' - lo_c) / (hi_c - lo_c)
+
+The reference ships the constants of the 15 MVTec-AD categories; they are in :data:`MVTEC_MINMAX`. For any other data
+they are computed from the training images with :class:`MinMaxAccumulator` and stored in the model's buffers, so they
+are saved in checkpoints and exported with the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: Per-category (min R, min G, min B, max R, max G, max B) after LCN, from the reference code (``min_max_l1``).
+MVTEC_MINMAX: dict[str, tuple[float, float, float, float, float, float]] = {
+    "bottle": (
+        -1.3336724042892456,
+        -1.3107913732528687,
+        -1.2445921897888184,
+        1.3779616355895996,
+        1.3779616355895996,
+        1.3779616355895996,
+    ),
+    "cable": (
+        -2.2404820919036865,
+        -2.3387579917907715,
+        -2.2896201610565186,
+        4.573435306549072,
+        4.573435306549072,
+        4.573435306549072,
+    ),
+    "capsule": (
+        -3.184587001800537,
+        -3.164201259613037,
+        -3.1392977237701416,
+        1.6995097398757935,
+        1.6011602878570557,
+        1.5209171772003174,
+    ),
+    "carpet": (
+        -3.0334954261779785,
+        -2.958242416381836,
+        -2.7701096534729004,
+        6.503103256225586,
+        5.875098705291748,
+        5.814228057861328,
+    ),
+    "grid": (
+        -3.100773334503174,
+        -3.100773334503174,
+        -3.100773334503174,
+        4.27892541885376,
+        4.27892541885376,
+        4.27892541885376,
+    ),
+    "hazelnut": (
+        -3.6565306186676025,
+        -3.507692813873291,
+        -2.7635035514831543,
+        18.966819763183594,
+        21.64590072631836,
+        26.408710479736328,
+    ),
+    "leather": (
+        -1.5192601680755615,
+        -2.2068002223968506,
+        -2.3948357105255127,
+        11.564697265625,
+        10.976534843444824,
+        10.378695487976074,
+    ),
+    "metal_nut": (
+        -1.3207964897155762,
+        -1.2889339923858643,
+        -1.148416519165039,
+        6.854909896850586,
+        6.854909896850586,
+        6.854909896850586,
+    ),
+    "pill": (
+        -0.9883341193199158,
+        -0.9822461605072021,
+        -0.9288841485977173,
+        2.290637969970703,
+        2.4007883071899414,
+        2.3044068813323975,
+    ),
+    "screw": (
+        -7.236185073852539,
+        -7.236185073852539,
+        -7.236185073852539,
+        3.3777384757995605,
+        3.3777384757995605,
+        3.3777384757995605,
+    ),
+    "tile": (
+        -3.2036616802215576,
+        -3.221003532409668,
+        -3.305514335632324,
+        7.022546768188477,
+        6.115569114685059,
+        6.310940742492676,
+    ),
+    "toothbrush": (
+        -0.8915618658065796,
+        -0.8669204115867615,
+        -0.8002046346664429,
+        4.4255571365356445,
+        4.642300128936768,
+        4.305730819702148,
+    ),
+    "transistor": (
+        -1.9086798429489136,
+        -2.0004451274871826,
+        -1.929288387298584,
+        5.463134765625,
+        5.463134765625,
+        5.463134765625,
+    ),
+    "wood": (
+        -2.9547364711761475,
+        -3.17536997795105,
+        -3.143850803375244,
+        5.305514812469482,
+        4.535006523132324,
+        3.3618252277374268,
+    ),
+    "zipper": (
+        -1.2906527519226074,
+        -1.2906527519226074,
+        -1.2906527519226074,
+        2.515115737915039,
+        2.515115737915039,
+        2.515115737915039,
+    ),
+}
+
+
+def local_contrast_normalization(images: torch.Tensor) -> torch.Tensor:
+    """Per-image ``(x - mean) / mean|x - mean|`` over all channels and pixels; constant images are only centred."""
+    centred = images - images.mean(dim=(1, 2, 3), keepdim=True)
+    spread = centred.abs().mean(dim=(1, 2, 3), keepdim=True)
+    return centred / torch.where(spread > 0, spread, torch.ones_like(spread))
+
+
+def resolve_minmax(constants: str | list[float] | tuple[float, ...] | None) -> torch.Tensor | None:
+    """Turn a MVTec-AD category name or six numbers (3 minima, 3 maxima) into a ``2 x 3`` tensor; None stays None."""
+    if constants is None:
+        return None
+    if isinstance(constants, str):
+        if constants not in MVTEC_MINMAX:
+            raise ValueError(
+                f"No shipped min-max constants for {constants!r}. Known MVTec-AD categories: {sorted(MVTEC_MINMAX)}. "
+                "Pass minmax=None to compute them from the training images, or six numbers (3 minima, 3 maxima)."
+            )
+        constants = MVTEC_MINMAX[constants]
+    values = torch.as_tensor(constants, dtype=torch.float32).flatten()
+    if values.numel() != 6:
+        raise ValueError(
+            f"min-max constants need 6 numbers (min R, G, B then max R, G, B); got {values.numel()}: {constants}."
+        )
+    table = values.view(2, 3)
+    if not bool((table[1] > table[0]).all()):
+        raise ValueError(f"min-max constants must have every maximum above its minimum; got {table.tolist()}.")
+    return table
+
+
+class InputNormalization(nn.Module):
+    """LCN followed by per-channel min-max, with the constants held in (checkpointed) buffers.
+
+    Until constants are set (``ready`` is False) the module refuses to run, so a model can never silently use
+    placeholder values.
+    """
+
+    def __init__(self, constants: str | list[float] | tuple[float, ...] | None = None) -> None:
+        super().__init__()
+        table = resolve_minmax(constants)
+        self.register_buffer("low", torch.zeros(1, 3, 1, 1))
+        self.register_buffer("high", torch.ones(1, 3, 1, 1))
+        self.register_buffer("ready", torch.tensor(False))
+        if table is not None:
+            self.set_constants(table)
+
+    def set_constants(self, table: torch.Tensor) -> None:
+        """Store a ``2 x 3`` (minima, maxima) table."""
+        table = table.to(self.low.device, torch.float32)
+        self.low.copy_(table[0].view(1, 3, 1, 1))
+        self.high.copy_(table[1].view(1, 3, 1, 1))
+        self.ready.fill_(True)
+
+    @property
+    def constants(self) -> torch.Tensor:
+        """Current ``2 x 3`` table of minima and maxima."""
+        return torch.stack([self.low.flatten(), self.high.flatten()])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalise ``B x 3 x H x W`` images in [0, 1]."""
+        contrast = local_contrast_normalization(images)
+        return (contrast - self.low) / (self.high - self.low)
+
+
+class MinMaxAccumulator:
+    """Running per-channel minimum and maximum of LCN-normalised images (memory independent of the dataset size)."""
+
+    def __init__(self) -> None:
+        self.low: torch.Tensor | None = None
+        self.high: torch.Tensor | None = None
+        self.count = 0
+
+    def update(self, images: torch.Tensor) -> None:
+        """Add a ``B x 3 x H x W`` batch of [0, 1] images."""
+        contrast = local_contrast_normalization(images.float())
+        low = contrast.amin(dim=(0, 2, 3))
+        high = contrast.amax(dim=(0, 2, 3))
+        self.low = low if self.low is None else torch.minimum(self.low, low)
+        self.high = high if self.high is None else torch.maximum(self.high, high)
+        self.count += images.shape[0]
+
+    def table(self) -> torch.Tensor:
+        """``2 x 3`` table; raises if no image was seen or a channel is constant over the whole set."""
+        if self.low is None or self.high is None:
+            raise RuntimeError("Cannot compute min-max constants: the training set yielded no images.")
+        if not bool((self.high > self.low).all()):
+            raise RuntimeError(
+                "Cannot compute min-max constants: a channel is constant over all training images "
+                f"(min {self.low.tolist()}, max {self.high.tolist()})."
+            )
+        return torch.stack([self.low, self.high]).cpu()

@@ -1,0 +1,102 @@
+"""FCDD network: normalisation, a cut CNN, a 1x1 head, the pseudo-Huber map and Gaussian upsampling.
+
+For an image ``x`` in [0, 1] the network computes::
+
+    phi = head(features(normalise(x)))        B x 1 x h x w   (h = H / 8 for the stride-8 backbones)
+    H   = sqrt(phi^2 + 1) - 1                 pseudo-Huber distance to the hypersphere centre (the origin)
+    A   = upsample(H)                         B x 1 x H x W   Gaussian receptive-field upsampling
+
+In eval mode it returns anomalib's ``InferenceBatch`` with ``anomaly_map = A`` and ``pred_score = mean(H)``, the mean
+of the *low-resolution* map, as the reference's ``reduce_ascore`` does.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from anomalib.data import InferenceBatch
+from torch import nn
+
+from .anomaly_map import ReceptiveFieldUpsampler
+from .backbones import build_backbone, derive_receptive_field
+from .preprocessing import InputNormalization
+
+
+class FcddTrainOutput(NamedTuple):
+    """What the network returns in train mode."""
+
+    low_res: torch.Tensor  # H, B x 1 x h x w
+    anomaly_map: torch.Tensor  # A, B x 1 x H x W
+
+
+def pseudo_huber(phi: torch.Tensor) -> torch.Tensor:
+    """``sqrt(phi^2 + 1) - 1``, computed as ``phi^2 / (sqrt(phi^2 + 1) + 1)`` to avoid cancellation near 0."""
+    squared = phi * phi
+    return squared / (torch.sqrt(squared + 1) + 1)
+
+
+class FcddModel(nn.Module):
+    """The FCDD network.
+
+    Args:
+        backbone: feature extractor name (see :mod:`.backbones`).
+        pre_trained: load ImageNet weights for the backbone.
+        weights_path: local weight file for the backbone (takes precedence over downloads).
+        frozen_modules: number of leading backbone modules to freeze; ``None`` = the backbone's default.
+        gauss_std: sigma of the upsampling Gaussian (12 in the paper).
+        minmax: MVTec-AD category name, six numbers, or ``None`` (computed from training data before training).
+        frozen_bn_train_mode: keep the frozen BatchNorm layers in train mode while training, so they use batch
+            statistics and keep adapting their running statistics, as the reference does. ``False`` freezes them
+            fully (eval mode).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vgg11_bn",
+        pre_trained: bool = True,
+        weights_path: str | None = None,
+        frozen_modules: int | None = None,
+        gauss_std: float = 12.0,
+        minmax: str | list[float] | None = None,
+        frozen_bn_train_mode: bool = True,
+    ) -> None:
+        super().__init__()
+        self.normalization = InputNormalization(minmax)
+        built = build_backbone(backbone, pre_trained, weights_path, frozen_modules)
+        self.features = built.features
+        self.head = nn.Conv2d(built.out_channels, 1, kernel_size=1, bias=True)
+        self.receptive_field = derive_receptive_field(self.features)
+        self.upsampler = ReceptiveFieldUpsampler(self.receptive_field, gauss_std)
+        self.frozen_bn_train_mode = frozen_bn_train_mode
+        self._frozen_batchnorms: list[nn.Module] = []
+        for module in built.frozen:
+            for parameter in module.parameters():
+                parameter.requires_grad_(False)
+            self._frozen_batchnorms += [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def train(self, mode: bool = True) -> FcddModel:
+        """Switch modes; frozen BatchNorm layers stay in eval mode unless ``frozen_bn_train_mode``."""
+        super().train(mode)
+        if mode and not self.frozen_bn_train_mode:
+            for module in self._frozen_batchnorms:
+                module.eval()
+        return self
+
+    def low_resolution_map(self, images: torch.Tensor) -> torch.Tensor:
+        """Pseudo-Huber map ``H`` (B x 1 x h x w) of [0, 1] images."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"FCDD expects RGB image batches of shape B x 3 x H x W with values in [0, 1], got "
+                f"{tuple(images.shape)}. Convert grayscale or RGBA images to RGB first (PIL: image.convert('RGB'))."
+            )
+        features = self.features(self.normalization(images))
+        return pseudo_huber(self.head(features)).float()
+
+    def forward(self, images: torch.Tensor) -> FcddTrainOutput | InferenceBatch:
+        """Train mode: :class:`FcddTrainOutput`; eval mode: ``InferenceBatch(pred_score, anomaly_map)``."""
+        low_res = self.low_resolution_map(images)
+        anomaly_map = self.upsampler(low_res, images.shape[-2:])
+        if self.training:
+            return FcddTrainOutput(low_res=low_res, anomaly_map=anomaly_map)
+        return InferenceBatch(pred_score=low_res.mean(dim=(1, 2, 3)), anomaly_map=anomaly_map)

@@ -1,0 +1,100 @@
+"""Safe loading of pretrained weight files.
+
+Every file goes through ``torch.load(..., weights_only=True)``, which refuses pickled code. A truncated, corrupted or
+tampered file is reported with its path and what to do, never with a bare unpickling traceback, and a file named in
+torch hub's ``<name>-<sha256 prefix>.pth`` convention is checked against that prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import urllib.error
+from pathlib import Path
+
+import torch
+
+_HUB_NAME = re.compile(r"-([0-9a-f]{8,64})\.(?:pth|pt|bin)$")
+
+
+class WeightsError(RuntimeError):
+    """A weight file is missing, unreadable or does not fit the network."""
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_state_dict_file(path: str | Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Load a state dict with ``weights_only=True``; verify its hash when known.
+
+    Args:
+        path: the ``.pth``/``.pt``/``.ckpt`` file. A Lightning checkpoint's ``state_dict`` entry is returned as is.
+        expected_sha256: full digest or prefix to check; by default taken from a hub-style file name.
+
+    Raises:
+        WeightsError: the file is missing, its hash differs, or it is not a readable tensor-only state dict.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"Weight file {path} does not exist.")
+    match = _HUB_NAME.search(path.name)
+    expected = expected_sha256 or (match.group(1) if match else None)
+    if expected is not None:
+        actual = sha256_of(path)
+        if not actual.startswith(expected.lower()):
+            raise WeightsError(
+                f"Weight file {path} is corrupted or tampered with: its SHA-256 starts with {actual[:12]}, expected "
+                f"{expected[:12]}. Delete it and download it again."
+            )
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several unrelated types for bad files
+        raise WeightsError(
+            f"Cannot read weight file {path}: it is truncated, corrupted, or holds more than tensors "
+            f"(only weights_only=True files are accepted). Underlying error: {type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}"
+        ) from error
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise WeightsError(f"Weight file {path} does not hold a state dict of tensors (found {type(loaded).__name__}).")
+    return loaded
+
+
+def hub_weights_path(file_name: str) -> Path:
+    """Where torch hub caches ``file_name`` (``$TORCH_HOME/hub/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / file_name
+
+
+def fetch_torchvision_weights(url: str, backbone: str) -> dict[str, torch.Tensor]:
+    """Load torchvision weights from the hub cache, downloading them when online.
+
+    Raises:
+        WeightsError: offline with no cached file; the message names the file and the ways to supply it.
+    """
+    file_name = url.rsplit("/", 1)[-1]
+    cached = hub_weights_path(file_name)
+    if not cached.is_file():
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(cached), progress=True)
+        except (urllib.error.URLError, OSError, RuntimeError) as error:
+            if cached.exists():
+                cached.unlink()
+            raise WeightsError(
+                f"Pretrained weights for backbone {backbone!r} are not available: {cached} is missing and "
+                f"downloading {url} failed ({type(error).__name__}: {error}).\n"
+                "Supply them in one of two ways:\n"
+                f"  1. copy {file_name} to {cached}\n"
+                f"     (or set TORCH_HOME to a folder holding hub/checkpoints/{file_name});\n"
+                f"  2. pass weights_path=/path/to/{file_name} (CLI: --model.weights_path).\n"
+                "Or use backbone='efficientnet_lite0' (weights ship with a pip package and work offline), or "
+                "pre_trained=False to train from random initialisation."
+            ) from error
+    return load_state_dict_file(cached)
