@@ -45,8 +45,12 @@ def rewrite_arguments(arguments: Sequence[str]) -> list[str]:
 def main(arguments: Sequence[str] | None = None) -> None:
     """Entry point of ``anomalib-fcdd``."""
     arguments = list(sys.argv[1:] if arguments is None else arguments)
+    if arguments and arguments[0] == "predict-openvino":
+        from anomalib_fcdd.deploy.predict import main as predict_openvino
+
+        raise SystemExit(predict_openvino(arguments[1:]))
     from anomalib.cli.cli import AnomalibCLI
-    from anomalib.utils.logging import configure_logger
+    from anomalib.loggers import configure_logger
 
     import anomalib_fcdd  # noqa: F401  (registers the classes for benchmark configs)
 

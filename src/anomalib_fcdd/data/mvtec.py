@@ -5,19 +5,23 @@
 It is what ``anomalib-fcdd ... --data MVTec`` selects.
 
 ``MVTecFewAnomalies`` implements the paper's semi-supervised setting: ``k`` real anomalous test images per defect
-type, with their masks, are moved into the training set (``k = 1`` in the paper). Training batches then carry
-``gt_label`` / ``gt_mask`` for them and FCDD uses those instead of confetti.
+type, with their masks, are taken out of the test set (``k = 1`` in the paper). During training each normal image is
+replaced with probability ``anomaly_probability`` (0.5) by one of them, drawn at random, exactly like the reference's
+online supervisor; batches carry ``gt_label`` / ``gt_mask`` and FCDD uses those instead of confetti.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from anomalib.data import MVTecAD
+from torch.utils.data import DataLoader, Dataset
 
 from .validation import DatasetError, validate_mvtec_layout
 
@@ -87,6 +91,7 @@ class MVTecFewAnomalies(MVTec):
         keep_in_test: also keep the moved images in the test set, as the paper's runs did (fcdd-method.md sec. 4c).
             By default they are removed, so they cannot inflate the test metrics.
         selection_seed: seed of the random choice; the same seed always picks the same files.
+        anomaly_probability: chance that a training sample is replaced by one of the real anomalies.
         **kwargs: everything :class:`MVTec` accepts.
     """
 
@@ -97,11 +102,16 @@ class MVTecFewAnomalies(MVTec):
         anomalies_per_defect: int = 1,
         keep_in_test: bool = False,
         selection_seed: int = 0,
+        anomaly_probability: float = 0.5,
         **kwargs: Any,
     ) -> None:
         super().__init__(root=root, category=category, **kwargs)
         if anomalies_per_defect < 1:
             raise ValueError(f"anomalies_per_defect must be at least 1, got {anomalies_per_defect}.")
+        if not 0.0 <= anomaly_probability <= 1.0:
+            raise ValueError(f"anomaly_probability must be in [0, 1], got {anomaly_probability}.")
+        self.anomaly_probability = anomaly_probability
+        self.anomaly_data: Any = None
         self.anomalies_per_defect = anomalies_per_defect
         self.keep_in_test = keep_in_test
         self.selection_seed = selection_seed
@@ -110,10 +120,10 @@ class MVTecFewAnomalies(MVTec):
     def _setup(self, _stage: str | None = None) -> None:
         super()._setup(_stage)
         chosen = select_anomalies(self.test_data.samples, self.anomalies_per_defect, self.selection_seed)
-        moved = chosen.assign(split="train")
-        train = pd.concat([self.train_data.samples, moved], ignore_index=True)
-        train.attrs["task"] = "segmentation"
-        self.train_data.samples = train
+        self.anomaly_data = copy.deepcopy(self.train_data)
+        pool = chosen.assign(split="train").reset_index(drop=True)
+        pool.attrs["task"] = "segmentation"
+        self.anomaly_data.samples = pool
         if not self.keep_in_test:
             remaining = self.test_data.samples.drop(index=chosen.index).reset_index(drop=True)
             remaining.attrs.update(self.test_data.samples.attrs)
@@ -126,6 +136,38 @@ class MVTecFewAnomalies(MVTec):
             "kept in" if self.keep_in_test else "removed from",
             self.training_anomalies,
         )
+
+    def train_dataloader(self) -> DataLoader:
+        """Normal images, each replaced with probability ``anomaly_probability`` by a random real anomaly."""
+        dataset = ReplacingDataset(self.train_data, self.anomaly_data, self.anomaly_probability)
+        return DataLoader(
+            dataset=dataset,
+            shuffle=True,
+            batch_size=self.train_batch_size,
+            num_workers=self.num_workers,
+            collate_fn=self.external_collate_fn or self.train_data.collate_fn,
+        )
+
+
+class ReplacingDataset(Dataset):
+    """``normal[i]``, or with probability ``probability`` a uniformly drawn item of ``anomalies`` instead.
+
+    The draw uses torch's global RNG, which Lightning seeds and DataLoader workers derive from, so runs under
+    ``seed_everything`` are reproducible. The anomalous item keeps its real label and mask.
+    """
+
+    def __init__(self, normal: Dataset, anomalies: Dataset, probability: float) -> None:
+        self.normal = normal
+        self.anomalies = anomalies
+        self.probability = probability
+
+    def __len__(self) -> int:
+        return len(self.normal)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        if len(self.anomalies) and torch.rand(()).item() < self.probability:  # type: ignore[arg-type]
+            return self.anomalies[int(torch.randint(len(self.anomalies), ()).item())]  # type: ignore[arg-type]
+        return self.normal[index]
 
 
 def select_anomalies(samples: pd.DataFrame, per_defect: int, seed: int) -> pd.DataFrame:

@@ -93,24 +93,29 @@ class _FcddLogic:
     # Lightning hooks
     # ----------------------------------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
-        """Make sure the min-max constants exist before the first step (shipped MVTec ones or computed)."""
+        """Pick the anomaly source and make sure the min-max constants exist (shipped MVTec ones or computed)."""
+        datamodule = self.trainer.datamodule
+        # A datamodule that supplies real training anomalies (MVTecFewAnomalies) switches confetti off for good.
+        self._real_anomalies = bool(getattr(datamodule, "training_anomalies", None))
         if bool(self.model.normalization.ready):
             return
-        category = getattr(self.trainer.datamodule, "category", None) if self.trainer.datamodule else None
-        if self._fcdd["minmax"] == "auto" and category in MVTEC_MINMAX and _is_mvtec(self.trainer.datamodule):
+        category = getattr(datamodule, "category", None)
+        if self._fcdd["minmax"] == "auto" and category in MVTEC_MINMAX and _is_mvtec(datamodule):
             self.model.normalization.set_constants(torch.tensor(MVTEC_MINMAX[category]).view(2, 3))
             logger.info("FCDD: using the reference's MVTec-AD min-max constants for %r.", category)
             return
         self.model.normalization.set_constants(self._compute_minmax())
 
     def _compute_minmax(self) -> torch.Tensor:
-        """Per-channel min/max after LCN over the training images at ``image_size`` (one streaming pass)."""
+        """Per-channel min/max after LCN over the normal training images at ``image_size`` (one streaming pass)."""
         accumulator = MinMaxAccumulator()
         size = self._fcdd["image_size"]
         resize = Resize((size, size), interpolation=InterpolationMode.NEAREST)
         for batch in self.trainer.train_dataloader:
-            images = batch.image.to(self.device)
-            accumulator.update(resize(images))
+            labels = batch.gt_label
+            images = batch.image if labels is None else batch.image[~torch.as_tensor(labels).bool()]
+            if len(images):
+                accumulator.update(resize(images.to(self.device)))
         table = accumulator.table()
         logger.info("FCDD: min-max constants computed from %d training images: %s", accumulator.count, table.tolist())
         return table
@@ -127,7 +132,9 @@ class _FcddLogic:
     def training_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Images and ``B x 1 x H x W`` masks for the loss: real anomalies if the batch has any, else confetti."""
         images = batch.image
-        has_real = batch.gt_label is not None and bool(torch.as_tensor(batch.gt_label).any())
+        has_real = getattr(self, "_real_anomalies", False) or (
+            batch.gt_label is not None and bool(torch.as_tensor(batch.gt_label).any())
+        )
         if has_real:
             if batch.gt_mask is None:
                 raise ValueError("A training batch holds anomalous images but no masks; FCDD needs pixel masks.")

@@ -42,9 +42,10 @@ def push(x: torch.Tensor, eps: float = PUSH_EPS) -> torch.Tensor:
     """Stable ``p(x) = -log(1 - exp(-x))`` for ``x >= 0``, computed as ``-log(-expm1(-(x + eps)))``.
 
     ``expm1`` avoids the cancellation of ``1 - exp(-x)`` for small ``x``; the shift ``eps`` removes the pole at 0.
-    Negative inputs (impossible for a pseudo-Huber map) are clamped to 0.
+    Inputs below ``-eps / 2`` (impossible for a pseudo-Huber map) are clamped; the clamp sits below 0 so that the
+    gradient at exactly 0 still flows.
     """
-    shifted = x.clamp_min(0) + eps
+    shifted = (x + eps).clamp_min(eps / 2)
     return -torch.log(-torch.expm1(-shifted))
 
 
@@ -61,7 +62,9 @@ def _flatten(anomaly_map: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
             f"Anomaly map {tuple(anomaly_map.shape)} and mask {tuple(mask.shape)} differ in shape; the loss needs the "
             "map upsampled to the mask's resolution."
         )
-    values = anomaly_map.flatten(1).float()
+    # At least float32 (bf16/fp16 maps are upcast for the sums and the log); float64 stays float64.
+    values = anomaly_map.flatten(1)
+    values = values.to(torch.promote_types(values.dtype, torch.float32))
     labels = mask.flatten(1).to(values.dtype)
     return values, labels
 

@@ -149,10 +149,15 @@ MVTEC_MINMAX: dict[str, tuple[float, float, float, float, float, float]] = {
 
 
 def local_contrast_normalization(images: torch.Tensor) -> torch.Tensor:
-    """Per-image ``(x - mean) / mean|x - mean|`` over all channels and pixels; constant images are only centred."""
+    """Per-image ``(x - mean) / mean|x - mean|`` over all channels and pixels; constant images are only centred.
+
+    "Constant" means a mean absolute deviation below 1e-6 (far below one grey level, 1/255): float rounding of the
+    mean must not be blown up to +-1.
+    """
     centred = images - images.mean(dim=(1, 2, 3), keepdim=True)
     spread = centred.abs().mean(dim=(1, 2, 3), keepdim=True)
-    return centred / torch.where(spread > 0, spread, torch.ones_like(spread))
+    constant = spread < 1e-6
+    return torch.where(constant, torch.zeros_like(centred), centred / torch.where(constant, 1.0, spread))
 
 
 def resolve_minmax(constants: str | list[float] | tuple[float, ...] | None) -> torch.Tensor | None:

@@ -1,0 +1,33 @@
+"""Shared fixtures: a small generated MVTec-layout dataset and deterministic seeds."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from anomalib_fcdd.data import make_synthetic_mvtec
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def mvtec_root() -> Path:
+    """Where the real MVTec-AD categories live (``FCDD_MVTEC_ROOT``, default ``../shared/data/mvtec_ad``)."""
+    return Path(os.environ.get("FCDD_MVTEC_ROOT", REPO_ROOT.parent / "shared" / "data" / "mvtec_ad"))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``<root>/synthetic``: 16 train, 4 good + 4 defective test images of 128 x 128."""
+    root = tmp_path_factory.mktemp("data")
+    make_synthetic_mvtec(root, "synthetic", n_train=16, n_test_good=4, n_test_defect=4, size=128, seed=0)
+    return root

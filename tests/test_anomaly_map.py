@@ -1,0 +1,66 @@
+"""Gaussian receptive-field upsampler against the reference's numbers and an independent kernel build."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.signal.windows import gaussian
+
+from anomalib_fcdd.models.fcdd.anomaly_map import ReceptiveField, ReceptiveFieldUpsampler, receptive_field_kernel
+
+VGG_FIELD = ReceptiveField(size=62, stride=8, offset=3.5)
+
+
+def reference_kernel() -> np.ndarray:
+    """The reference recipe with SciPy: 61-tap window, centre duplicated, halved, outer product."""
+    window = gaussian(61, std=12)
+    window = np.concatenate([window[:31], window[30:]]) / 2
+    return np.outer(window, window)
+
+
+def test_kernel_matches_scipy_recipe() -> None:
+    expected = reference_kernel()
+    kernel = receptive_field_kernel(62, 12).numpy()
+    np.testing.assert_allclose(kernel, expected, rtol=1e-12)
+    assert kernel.max() == pytest.approx(0.25)
+    assert kernel.sum() == pytest.approx(236.4, abs=0.1)
+
+
+def test_output_size_and_gains() -> None:
+    upsampler = ReceptiveFieldUpsampler(VGG_FIELD, std=12)
+    out = upsampler(torch.ones(1, 1, 28, 28), (224, 224))
+    assert out.shape == (1, 1, 224, 224)
+    assert out[0, 0, 112, 112].item() == pytest.approx(3.7, abs=0.05)
+    for corner in (out[0, 0, 0, 0], out[0, 0, -1, -1], out[0, 0, 0, -1], out[0, 0, -1, 0]):
+        assert corner.item() == pytest.approx(1.0, abs=0.1)
+
+
+@pytest.mark.parametrize(("row", "col"), [(5, 9), (14, 14), (20, 6)])
+def test_one_hot_pixel_is_centred_at_8i_plus_3_5(row: int, col: int) -> None:
+    low = torch.zeros(1, 1, 28, 28, dtype=torch.float64)
+    low[0, 0, row, col] = 1
+    out = ReceptiveFieldUpsampler(VGG_FIELD, std=12)(low, (224, 224))[0, 0]
+    rows = torch.arange(224, dtype=torch.float64)
+    row_centre = (out.sum(1) * rows).sum() / out.sum()
+    col_centre = (out.sum(0) * rows).sum() / out.sum()
+    assert row_centre.item() == pytest.approx(8 * row + 3.5, abs=1e-6)
+    assert col_centre.item() == pytest.approx(8 * col + 3.5, abs=1e-6)
+    # The two central taps share the peak value 0.25.
+    assert out[8 * row + 3, 8 * col + 3].item() == pytest.approx(0.25)
+    assert out[8 * row + 4, 8 * col + 4].item() == pytest.approx(0.25)
+
+
+def test_other_input_sizes_work() -> None:
+    upsampler = ReceptiveFieldUpsampler(VGG_FIELD, std=12)
+    assert upsampler(torch.ones(2, 1, 8, 12), (64, 100)).shape == (2, 1, 64, 100)
+    assert upsampler(torch.ones(2, 1, 8, 8), (67, 67)).shape == (2, 1, 67, 67)
+
+
+def test_border_pixel_peak_position() -> None:
+    low = torch.zeros(1, 1, 28, 28)
+    low[0, 0, 0, 27] = 1
+    out = ReceptiveFieldUpsampler(VGG_FIELD, std=12)(low, (224, 224))[0, 0]
+    assert out[3, 8 * 27 + 3].item() == pytest.approx(0.25)
+    assert out[4, 8 * 27 + 4].item() == pytest.approx(0.25)
+    assert out.max().item() == pytest.approx(0.25)

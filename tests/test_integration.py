@@ -1,0 +1,148 @@
+"""End to end through anomalib: Engine, both console scripts, every config, checkpoints, model look-up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anomalib.models
+import pytest
+import torch
+from anomalib.engine import Engine
+
+from anomalib_fcdd import Fcdd, FcddHsc
+from anomalib_fcdd.cli import rewrite_arguments
+from anomalib_fcdd.data import MVTec
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPR", "pixel_AUPRO")
+FAST = [
+    "--model.pre_trained",
+    "false",
+    "--model.epochs",
+    "1",
+    "--model.passes_per_epoch",
+    "1",
+    "--model.image_size",
+    "64",
+]
+
+
+def fast_data_args(root: Path) -> list[str]:
+    return [
+        "--data.root", str(root), "--data.category", "synthetic", "--data.num_workers", "0",
+        "--data.train_batch_size", "8", "--data.eval_batch_size", "8",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[FcddHsc, Engine, MVTec, list]:
+    datamodule = MVTec(root=synthetic_root, category="synthetic", train_batch_size=8, eval_batch_size=8, num_workers=0)
+    model = FcddHsc(pre_trained=False, epochs=1, passes_per_epoch=2)
+    engine = Engine(
+        default_root_dir=tmp_path_factory.mktemp("engine"), logger=False, accelerator="cpu", enable_progress_bar=False
+    )
+    engine.fit(model, datamodule=datamodule)
+    results = engine.test(model, datamodule=datamodule)
+    return model, engine, datamodule, results
+
+
+def test_engine_fit_and_test_report_the_four_metrics(trained: tuple) -> None:
+    model, _, _, results = trained
+    assert set(METRICS) <= set(results[0])
+    for name in METRICS:
+        assert 0.0 <= results[0][name] <= 1.0
+    assert bool(model.model.normalization.ready), "min-max constants were computed from the training images"
+
+
+def test_checkpoint_reloads_with_weights_only_and_predicts_identically(trained: tuple) -> None:
+    model, engine, _, _ = trained
+    checkpoint = Path(
+        engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    )
+    assert checkpoint.is_file()
+    raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert raw["hyper_parameters"]["loss"] == "pixel_balanced"
+    reloaded = FcddHsc.load_from_checkpoint(checkpoint, map_location="cpu")
+    model.eval()
+    reloaded.eval()
+    images = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, actual = model.model(images), reloaded.model(images)
+    torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map)
+    torch.testing.assert_close(actual.pred_score, expected.pred_score)
+    torch.testing.assert_close(reloaded.model.normalization.constants, model.model.normalization.constants)
+
+
+def test_get_model_finds_both_classes() -> None:
+    assert isinstance(anomalib.models.get_model("fcdd_hsc", pre_trained=False), FcddHsc)
+    assert isinstance(anomalib.models.get_model("fcdd", pre_trained=False), Fcdd)
+    from_dict = anomalib.models.get_model(
+        {"class_path": "FcddHsc", "init_args": {"pre_trained": False, "loss": "fcdd"}}
+    )
+    assert isinstance(from_dict, FcddHsc) and from_dict.loss.name == "fcdd"
+    assert anomalib.models.FcddHsc is FcddHsc
+
+
+def test_original_fcdd_defaults() -> None:
+    model = Fcdd(pre_trained=False)
+    assert model.loss.name == "fcdd"
+    assert model.anomaly_generator.image_level_masks and model.anomaly_generator.confetti.smooth
+
+
+def test_argument_rewriting() -> None:
+    args = ["train", "--model", "fcdd_hsc", "--data", "MVTec", "--data.category", "bottle"]
+    assert rewrite_arguments(args) == [
+        "train", "--model", "anomalib_fcdd.FcddHsc", "--data", "anomalib_fcdd.data.MVTec", "--data.category", "bottle",
+    ]  # fmt: skip
+    assert rewrite_arguments(["fit", "--model=Fcdd", "--data=MVTecAD"]) == [
+        "fit", "--model=anomalib_fcdd.Fcdd", "--data=MVTecAD",
+    ]  # fmt: skip
+    assert rewrite_arguments(["export", "--model", "Padim"]) == ["export", "--model", "Padim"]
+
+
+def run_console(script: str, args: list[str], cwd: Path) -> str:
+    executable = Path(sys.executable).with_name(script)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [str(executable), *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600, check=False
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return output
+
+
+def test_anomalib_fcdd_console_script_trains_with_short_names(synthetic_root: Path, tmp_path: Path) -> None:
+    args = ["train", "--model", "fcdd_hsc", "--data", "MVTec", *fast_data_args(synthetic_root), *FAST]
+    output = run_console("anomalib-fcdd", [*args, "--default_root_dir", str(tmp_path)], tmp_path)
+    for name in METRICS:
+        assert name in output
+    assert list(tmp_path.glob("FcddHsc/MVTec/synthetic/v0/weights/lightning/model.ckpt"))
+
+
+def test_stock_anomalib_cli_trains_with_full_class_path(synthetic_root: Path, tmp_path: Path) -> None:
+    args = ["train", "--model", "anomalib_fcdd.FcddHsc", "--data", "anomalib.data.MVTecAD"]
+    args += [*fast_data_args(synthetic_root), *FAST, "--default_root_dir", str(tmp_path)]
+    output = run_console("anomalib", args, tmp_path)
+    for name in METRICS:
+        assert name in output
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_config_runs_briefly(config: str, synthetic_root: Path, tmp_path: Path) -> None:
+    from anomalib.cli.cli import AnomalibCLI
+
+    args = ["train", "--config", str(REPO / "configs" / config), *fast_data_args(synthetic_root), *FAST]
+    cli = AnomalibCLI(args=[*args, "--default_root_dir", str(tmp_path)])
+    metrics = cli.engine.trainer.callback_metrics
+    assert list(tmp_path.rglob("model.ckpt")), f"{config} produced no checkpoint"
+    for name in METRICS:
+        assert name in metrics
+    semi_supervised = config.startswith("semi")
+    assert cli.model._real_anomalies == semi_supervised, (
+        "real anomalies are used exactly in the semi-supervised setting"
+    )
+    if semi_supervised:
+        assert len(cli.datamodule.training_anomalies) == 2  # one per defect type (scratch, stain)

@@ -1,0 +1,85 @@
+"""LCN and min-max normalisation against hand computations; constants computed from a generated dataset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anomalib_fcdd.models.fcdd.preprocessing import (
+    MVTEC_MINMAX,
+    InputNormalization,
+    MinMaxAccumulator,
+    local_contrast_normalization,
+    resolve_minmax,
+)
+
+
+def test_lcn_by_hand() -> None:
+    image = torch.tensor([0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.0]).view(1, 3, 2, 2)
+    values = image.flatten().tolist()
+    mean = sum(values) / len(values)
+    mad = sum(abs(v - mean) for v in values) / len(values)
+    expected = torch.tensor([(v - mean) / mad for v in values]).view(1, 3, 2, 2)
+    torch.testing.assert_close(local_contrast_normalization(image), expected)
+
+
+def test_lcn_is_per_image_and_constant_image_is_only_centred() -> None:
+    batch = torch.stack([torch.full((3, 2, 2), 0.7), torch.arange(12.0).view(3, 2, 2)])
+    out = local_contrast_normalization(batch)
+    assert torch.equal(out[0], torch.zeros(3, 2, 2))
+    assert out[1].abs().mean().item() == pytest.approx(1.0)
+
+
+def test_minmax_by_hand() -> None:
+    norm = InputNormalization([-1.0, -2.0, -3.0, 1.0, 2.0, 5.0])
+    image = torch.tensor([0.0, 1.0]).repeat_interleave(6).view(1, 3, 2, 2)  # LCN: -1 / +1 per half
+    lcn = local_contrast_normalization(image)
+    out = norm(image)
+    lows, highs = (-1.0, -2.0, -3.0), (1.0, 2.0, 5.0)
+    for c in range(3):
+        expected = (lcn[0, c] - lows[c]) / (highs[c] - lows[c])
+        torch.testing.assert_close(out[0, c], expected)
+
+
+def test_shipped_mvtec_constants() -> None:
+    table = resolve_minmax("bottle")
+    assert table.shape == (2, 3)
+    assert table[0, 0].item() == pytest.approx(-1.3336724042892456)
+    assert table[1, 2].item() == pytest.approx(1.3779616355895996)
+    assert len(MVTEC_MINMAX) == 15
+
+
+@pytest.mark.parametrize(
+    ("constants", "message"),
+    [([1.0, 2.0, 3.0], "need 6 numbers"), ("not_a_category", "No shipped"), ([0, 0, 0, 1, 1, -1], "above its minimum")],
+)
+def test_bad_constants_are_explained(constants: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        resolve_minmax(constants)
+
+
+def test_constants_computed_from_generated_dataset(synthetic_root) -> None:
+    files = sorted((synthetic_root / "synthetic" / "train" / "good").glob("*.png"))
+    accumulator = MinMaxAccumulator()
+    for start in range(0, len(files), 5):  # batches of 5, to exercise the running update
+        batch = [
+            torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1) / 255
+            for f in files[start : start + 5]
+        ]
+        accumulator.update(torch.stack(batch))
+    # Independent computation with numpy over all images at once.
+    arrays = np.stack([np.asarray(Image.open(f).convert("RGB"), dtype=np.float64) / 255 for f in files])
+    centred = arrays - arrays.mean(axis=(1, 2, 3), keepdims=True)
+    lcn = centred / np.abs(centred).mean(axis=(1, 2, 3), keepdims=True)
+    np.testing.assert_allclose(accumulator.table()[0].numpy(), lcn.min(axis=(0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(accumulator.table()[1].numpy(), lcn.max(axis=(0, 1, 2)), rtol=1e-5)
+    assert accumulator.count == len(files)
+
+
+def test_normalization_refuses_nothing_but_reports_readiness() -> None:
+    norm = InputNormalization(None)
+    assert not bool(norm.ready)
+    norm.set_constants(torch.tensor([[0.0, 0, 0], [1, 1, 1]]))
+    assert bool(norm.ready)
