@@ -87,6 +87,10 @@ class ReceptiveFieldUpsampler(nn.Module):
         """Upsample ``low_res`` (B x 1 x h x w) to ``output_size`` (H, W)."""
         if low_res.dim() != 4 or low_res.shape[1] != 1:
             raise ValueError(f"Expected a B x 1 x h x w map, got shape {tuple(low_res.shape)}.")
+        if torch.is_autocast_enabled(low_res.device.type):
+            # Scores must not be rounded to bf16 (it would create ties in the pixel ranking): run in fp32.
+            with torch.autocast(low_res.device.type, enabled=False):
+                return self.forward(low_res.float(), output_size)
         kernel = self.kernel.to(dtype=low_res.dtype)
         full = F.conv_transpose2d(low_res, kernel, stride=self.receptive_field.stride)
         height, width = output_size[0], output_size[1]

@@ -31,6 +31,7 @@ from torchvision.transforms.v2 import InterpolationMode, Resize
 from .anomaly_generator import ConfettiAnomalyGenerator
 from .augmentation import FcddAugmentation
 from .loss import FcddLoss
+from .performance import resolve_precision
 from .preprocessing import MVTEC_MINMAX, MinMaxAccumulator
 from .torch_model import FcddModel
 
@@ -79,6 +80,7 @@ class _FcddLogic:
             gauss_std=hparams["gauss_std"],
             minmax=None if hparams["minmax"] in {"auto", None} else hparams["minmax"],
             frozen_bn_train_mode=hparams["frozen_bn_train_mode"],
+            channels_last=hparams["channels_last"],
         )
         self.loss = FcddLoss(hparams["loss"])
         self.anomaly_generator = ConfettiAnomalyGenerator(
@@ -145,7 +147,7 @@ class _FcddLogic:
             images, masks = self.augmentation(images, masks)
         elif images.shape[-1] != self._fcdd["image_size"]:
             images, masks = _resize_pair(images, masks, self._fcdd["image_size"])
-        return images.contiguous(memory_format=torch.channels_last), masks
+        return images, masks
 
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Score the validation batch (anomalib's post-processor fits thresholds on these outputs)."""
@@ -168,8 +170,8 @@ class _FcddLogic:
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """No sanity validation; ``epochs`` paper epochs = ``epochs * passes_per_epoch`` Lightning epochs if set."""
-        arguments: dict[str, Any] = {"num_sanity_val_steps": 0}
+        """No sanity validation; bf16 where native; ``epochs`` paper epochs = ``epochs * passes_per_epoch`` passes."""
+        arguments: dict[str, Any] = {"num_sanity_val_steps": 0, "precision": resolve_precision(self._fcdd["precision"])}
         if self._fcdd["epochs"] is not None:
             passes = self._fcdd["passes_per_epoch"]
             arguments["max_epochs"] = self._fcdd["epochs"] * passes
@@ -219,8 +221,10 @@ class FcddHsc(_FcddLogic, AnomalibModule):
     """FCDD with the paper's pixel-wise, class-balanced hypersphere loss (eq. 5) by default.
 
     Args:
-        backbone: feature extractor (``vgg11_bn``, the paper's).
-        pre_trained: load ImageNet weights for the backbone (torchvision cache or download).
+        backbone: feature extractor: ``vgg11_bn`` (the paper's), ``resnet18``, ``wide_resnet50_2`` or
+            ``efficientnet_lite0`` (ImageNet weights ship with a pip package, so it works offline); see
+            ``docs/backbones.md``.
+        pre_trained: load ImageNet weights for the backbone (cache, download, or the offline package).
         weights_path: local backbone weight file (used whenever given).
         frozen_modules: leading backbone modules to freeze; ``None`` = the paper's choice (VGG: through the 3rd pool).
         loss: ``pixel_balanced`` (eq. 5), ``per_image`` (the paper's baseline as run) or ``fcdd`` (eq. 4).
@@ -237,6 +241,9 @@ class FcddHsc(_FcddLogic, AnomalibModule):
         epochs: paper epochs; sets the trainer's ``max_epochs`` to ``epochs * passes_per_epoch`` when given.
         passes_per_epoch: passes over the training set per paper epoch (10 in the reference).
         frozen_bn_train_mode: keep frozen BatchNorm layers in train mode while training (reference behaviour).
+        precision: Lightning precision; ``auto`` = ``bf16-mixed`` where bf16 is native (AMX/AVX512-BF16 CPUs, CUDA
+            GPUs with bf16), else ``32-true``.
+        channels_last: NHWC memory layout for weights and activations.
     """
 
     def __init__(
@@ -260,6 +267,8 @@ class FcddHsc(_FcddLogic, AnomalibModule):
         epochs: int | None = None,
         passes_per_epoch: int = 10,
         frozen_bn_train_mode: bool = True,
+        precision: str = "auto",
+        channels_last: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: Any = True,
         evaluator: Evaluator | bool = True,
@@ -302,6 +311,8 @@ class Fcdd(_FcddLogic, AnomalibModule):
         epochs: int | None = None,
         passes_per_epoch: int = 10,
         frozen_bn_train_mode: bool = True,
+        precision: str = "auto",
+        channels_last: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: Any = True,
         evaluator: Evaluator | bool = True,

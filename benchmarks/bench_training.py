@@ -1,0 +1,213 @@
+"""Training and inference speed of FCDD, and peak host memory of a full-category training, measured side by side.
+
+Variants, all on the same network (VGG-11-BN cut, 224 x 224), batch and machine, interleaved round by round so that
+machine noise hits them alike:
+
+* ``reference-like``: fp32, NCHW, eager -- the reference's kind of step;
+* ``default``: this package's default (``precision="auto"``: bf16 autocast where the hardware has native bf16, else
+  fp32; channels-last memory layout);
+* ``bf16 forced``: bf16 autocast even where it is emulated, to show what ``auto`` avoids.
+
+A training step is the package's full step: confetti synthesis and augmentation on the batch, forward, loss, backward,
+SGD update. The memory figure comes from a child process that trains one epoch on a real MVTec-AD category through
+anomalib's Engine (image decoding in DataLoader workers) and reports its peak RSS.
+
+    python -m benchmarks.bench_training [--batch 16] [--rounds 3] [--mvtec-root DIR] [--category bottle]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from anomalib_fcdd import FcddHsc
+from anomalib_fcdd.models.fcdd.performance import cpu_has_native_bf16, resolve_precision
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "training.md"
+
+
+@dataclass
+class Variant:
+    """One way of running the same network."""
+
+    name: str
+    bf16: bool
+    channels_last: bool
+
+
+def machine() -> str:
+    """CPU model and core count (and GPU when present)."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
+    return f"{model}, {os.cpu_count()} cores ({bf16}), torch {torch.__version__}{gpu}"
+
+
+def build(variant: Variant) -> FcddHsc:
+    """A FcddHsc with fixed min-max constants, so no data pass is needed."""
+    torch.manual_seed(0)
+    model = FcddHsc(pre_trained=False, minmax="bottle", channels_last=variant.channels_last, visualizer=False)
+    model.model.train()
+    return model
+
+
+def train_step(model: FcddHsc, optimizer: torch.optim.Optimizer, images: torch.Tensor, bf16: bool) -> None:
+    """The package's training step without Lightning around it."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        inputs, masks = model.anomaly_generator(images)[:2]
+        inputs, masks = model.augmentation(inputs, masks)
+        output = model.model(inputs)
+        loss = model.loss(output.anomaly_map, masks)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def infer(model: FcddHsc, images: torch.Tensor, bf16: bool) -> None:
+    """Eval-mode forward of the torch model."""
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        model.model(images)
+
+
+def measure(variants: list[Variant], batch: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Images/s for training and inference per variant (best of ``rounds`` interleaved rounds)."""
+    generator = torch.Generator().manual_seed(0)
+    train_images = torch.rand(batch, 3, 240, 240, generator=generator)
+    test_images = torch.rand(batch, 3, 224, 224, generator=generator)
+    models = {v.name: build(v) for v in variants}
+    optimizers = {
+        name: torch.optim.SGD([p for p in m.model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+        for name, m in models.items()
+    }
+    best: dict[str, dict[str, float]] = {v.name: {"train": 0.0, "infer": 0.0} for v in variants}
+    for variant in variants:  # warm-up (oneDNN primitive creation)
+        train_step(models[variant.name], optimizers[variant.name], train_images, variant.bf16)
+    for _ in range(rounds):
+        for variant in variants:
+            start = time.perf_counter()
+            train_step(models[variant.name], optimizers[variant.name], train_images, variant.bf16)
+            best[variant.name]["train"] = max(best[variant.name]["train"], batch / (time.perf_counter() - start))
+    for model in models.values():
+        model.model.eval()
+    for variant in variants:
+        infer(models[variant.name], test_images, variant.bf16)
+    for _ in range(rounds):
+        for variant in variants:
+            start = time.perf_counter()
+            infer(models[variant.name], test_images, variant.bf16)
+            best[variant.name]["infer"] = max(best[variant.name]["infer"], batch / (time.perf_counter() - start))
+    return best
+
+
+CHILD = """
+import resource, sys, time, warnings
+warnings.filterwarnings("ignore")
+from anomalib.engine import Engine
+from anomalib_fcdd import FcddHsc
+from anomalib_fcdd.data import MVTec
+root, category, out = sys.argv[1], sys.argv[2], sys.argv[3]
+datamodule = MVTec(root=root, category=category, train_batch_size=16, eval_batch_size=16, num_workers=2)
+model = FcddHsc(pre_trained=False, epochs=1, passes_per_epoch=1, visualizer=False)
+engine = Engine(default_root_dir=out, logger=False, accelerator="cpu", enable_progress_bar=False)
+start = time.perf_counter()
+engine.fit(model, datamodule=datamodule)
+print("FIT_SECONDS", time.perf_counter() - start)
+print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print("PEAK_CHILDREN_RSS_KB", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def full_category_memory(root: Path, category: str, workdir: Path) -> dict[str, float]:
+    """Peak RSS (GiB) of the training process and of its largest DataLoader worker for one pass over a category."""
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, str(root), category, str(workdir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=3600,
+    )
+    values = {}
+    for line in result.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        if key in {"FIT_SECONDS", "PEAK_RSS_KB", "PEAK_CHILDREN_RSS_KB"}:
+            values[key] = float(value)
+    return {
+        "fit_seconds": values["FIT_SECONDS"],
+        "main_gib": values["PEAK_RSS_KB"] / 2**20,
+        "worker_gib": values["PEAK_CHILDREN_RSS_KB"] / 2**20,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the measurements and write ``benchmarks/results/training.md``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    default_root = os.environ.get("FCDD_MVTEC_ROOT", str(REPO.parent / "shared" / "data" / "mvtec_ad"))
+    parser.add_argument("--mvtec-root", type=Path, default=Path(default_root))
+    parser.add_argument("--category", default="bottle")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    auto = resolve_precision("auto", "cpu") == "bf16-mixed"
+    variants = [
+        Variant("reference-like (fp32, NCHW, eager)", bf16=False, channels_last=False),
+        Variant(f"default ({'bf16' if auto else 'fp32'}, channels-last)", bf16=auto, channels_last=True),
+    ]
+    if not auto:
+        variants.append(Variant("bf16 forced (emulated here), channels-last", bf16=True, channels_last=True))
+    speeds = measure(variants, args.batch, args.rounds)
+    base = speeds[variants[0].name]
+    lines = [
+        "# Training and inference speed, and memory",
+        "",
+        f"- command: `python -m benchmarks.bench_training {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {machine()}",
+        f"- batch {args.batch}, 240 px training input (augmented to 224), 224 px inference, best of {args.rounds}",
+        "",
+        "| variant | train img/s | × reference | inference img/s | × eager fp32 |",
+        "|---|---|---|---|---|",
+    ]
+    for variant in variants:
+        s = speeds[variant.name]
+        lines.append(
+            f"| {variant.name} | {s['train']:.2f} | {s['train'] / base['train']:.2f} | {s['infer']:.2f} "
+            f"| {s['infer'] / base['infer']:.2f} |"
+        )
+    if not args.skip_memory and (args.mvtec_root / args.category).is_dir():
+        workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "fcdd_bench_memory"
+        memory = full_category_memory(args.mvtec_root, args.category, workdir)
+        lines += [
+            "",
+            f"Full-category training ({args.category}, one pass, batch 16, 2 workers, through Engine): "
+            f"{memory['fit_seconds']:.0f} s, peak RSS {memory['main_gib']:.2f} GiB (main process), "
+            f"{memory['worker_gib']:.2f} GiB (largest worker).",
+        ]
+    text = "\n".join(lines) + "\n"
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

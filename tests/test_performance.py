@@ -1,0 +1,64 @@
+"""Precision choice and the fp32/channels-last guarantees of the fast paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from anomalib_fcdd.models.fcdd import performance
+from anomalib_fcdd.models.fcdd.anomaly_map import ReceptiveField, ReceptiveFieldUpsampler
+from anomalib_fcdd.models.fcdd.torch_model import FcddModel
+
+
+def test_native_bf16_detection_reads_cpu_flags(tmp_path: Path) -> None:
+    amx = tmp_path / "amx"
+    amx.write_text("processor : 0\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n")
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor : 0\nflags\t\t: fpu sse avx2 fma\n")
+    assert performance.cpu_has_native_bf16(str(amx))
+    assert not performance.cpu_has_native_bf16(str(avx2))
+    assert not performance.cpu_has_native_bf16(str(tmp_path / "missing"))
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(performance.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(performance, "cpu_has_native_bf16", lambda: True)
+    assert performance.resolve_precision("auto") == "bf16-mixed"
+    monkeypatch.setattr(performance, "cpu_has_native_bf16", lambda: False)
+    assert performance.resolve_precision("auto") == "32-true"
+    assert performance.resolve_precision("bf16-mixed") == "bf16-mixed"
+    assert performance.resolve_precision("32-true") == "32-true"
+
+
+def test_upsampler_stays_fp32_under_bf16_autocast() -> None:
+    upsampler = ReceptiveFieldUpsampler(ReceptiveField(62, 8, 3.5))
+    low = torch.rand(2, 1, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = upsampler(low, (64, 64))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, upsampler(low, (64, 64)))
+
+
+def test_channels_last_gives_the_same_maps() -> None:
+    torch.manual_seed(0)
+    fast = FcddModel(pre_trained=False, minmax="bottle", channels_last=True).eval()
+    plain = FcddModel(pre_trained=False, minmax="bottle", channels_last=False).eval()
+    plain.load_state_dict(fast.state_dict())
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(images).anomaly_map, plain(images).anomaly_map, rtol=1e-4, atol=1e-5)
+    assert fast.head.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bf16_map_is_close_to_fp32() -> None:
+    torch.manual_seed(0)
+    model = FcddModel(pre_trained=False, minmax="bottle").eval()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(images).anomaly_map
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = model(images).anomaly_map
+    assert fast.dtype == torch.float32
+    assert ((fast - reference).abs().max() / reference.abs().max()).item() < 0.05
