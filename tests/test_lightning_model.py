@@ -1,0 +1,119 @@
+"""The Lightning module's own pieces: freezing, BatchNorm mode, optimiser and schedule, the training step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from anomalib.data import ImageBatch
+from torch import nn
+
+from anomalib_fcdd import Fcdd, FcddHsc
+
+
+def test_vgg_freezing_matches_the_paper() -> None:
+    model = FcddHsc(pre_trained=False)
+    features = model.model.features
+    assert all(not p.requires_grad for p in features[:15].parameters())
+    assert all(p.requires_grad for p in features[15:].parameters())
+    assert all(p.requires_grad for p in model.model.head.parameters())
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_frozen_batchnorm_mode(train_mode: bool) -> None:
+    model = FcddHsc(pre_trained=False, frozen_bn_train_mode=train_mode, minmax="bottle").model
+    model.train()
+    frozen_bn = model.features[1]
+    assert isinstance(frozen_bn, nn.BatchNorm2d)
+    assert frozen_bn.training is train_mode
+    assert model.features[16].training, "trainable BatchNorm layers always train"
+    before = frozen_bn.running_mean.clone()
+    model(torch.rand(2, 3, 64, 64))
+    assert (not torch.equal(before, frozen_bn.running_mean)) is train_mode
+
+
+def test_optimizer_and_per_paper_epoch_decay() -> None:
+    model = FcddHsc(pre_trained=False, passes_per_epoch=10, lr=1e-3, lr_decay=0.985)
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    group = optimizer.param_groups[0]
+    assert isinstance(optimizer, torch.optim.SGD) and group["nesterov"] and group["momentum"] == 0.9
+    assert group["weight_decay"] == 1e-4
+    trainable = sum(p.numel() for p in model.model.parameters() if p.requires_grad)
+    assert sum(p.numel() for p in group["params"]) == trainable
+    rates = []
+    for _ in range(25):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:10] == pytest.approx([1e-3] * 10)
+    assert rates[10:20] == pytest.approx([1e-3 * 0.985] * 10)
+    assert rates[20] == pytest.approx(1e-3 * 0.985**2)
+
+
+def test_trainer_arguments_convert_paper_epochs() -> None:
+    arguments = FcddHsc(pre_trained=False, epochs=50, passes_per_epoch=10, precision="32-true").trainer_arguments
+    assert arguments["max_epochs"] == 500 and arguments["check_val_every_n_epoch"] == 10
+    assert arguments["precision"] == "32-true" and arguments["num_sanity_val_steps"] == 0
+    assert "max_epochs" not in FcddHsc(pre_trained=False).trainer_arguments
+
+
+def make_batch(labels: list[bool], size: int = 80) -> ImageBatch:
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.zeros(len(labels), size, size, dtype=torch.bool)
+    for i, label in enumerate(labels):
+        if label:
+            masks[i, 20:40, 30:50] = True
+    return ImageBatch(
+        image=torch.rand(len(labels), 3, size, size, generator=generator),
+        gt_label=torch.tensor(labels),
+        gt_mask=masks,
+    )
+
+
+@pytest.mark.parametrize("loss", ["fcdd", "per_image", "pixel_balanced"])
+def test_training_step_gives_finite_loss_and_gradients(loss: str) -> None:
+    model = FcddHsc(pre_trained=False, loss=loss, minmax="bottle", image_size=64)
+    model.model.train()
+    output = model.training_step(make_batch([False] * 4))
+    output["loss"].backward()
+    assert torch.isfinite(output["loss"])
+    grads = [p.grad for p in model.model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_real_anomalies_replace_confetti() -> None:
+    model = FcddHsc(pre_trained=False, minmax="bottle", image_size=64, augment=False, anomaly_probability=1.0)
+    batch = make_batch([True, False], size=64)
+    images, masks = model.training_inputs(batch)
+    assert torch.equal(images, batch.image), "no confetti drawn on a batch with real anomalies"
+    assert torch.equal(masks[:, 0], batch.gt_mask)
+    model._real_anomalies = True  # set by on_train_start for MVTecFewAnomalies
+    images, masks = model.training_inputs(make_batch([False, False], size=64))
+    assert not masks.any(), "in the semi-supervised setting an all-normal batch still gets no confetti"
+
+
+def test_confetti_used_for_normal_batches() -> None:
+    model = FcddHsc(pre_trained=False, minmax="bottle", image_size=64, augment=False, anomaly_probability=1.0)
+    images, masks = model.training_inputs(make_batch([False, False], size=64))
+    assert masks.flatten(1).any(1).all()
+    original = Fcdd(pre_trained=False, minmax="bottle", image_size=64, augment=False, anomaly_probability=1.0)
+    _, masks = original.training_inputs(make_batch([False, False], size=64))
+    assert masks.all(), "original FCDD labels a whole synthetic anomaly as anomalous"
+
+
+def test_eval_output_contract() -> None:
+    model = FcddHsc(pre_trained=False, minmax="bottle").model.eval()
+    images = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        output = model(images)
+        low = model.low_resolution_map(images)
+    assert output.anomaly_map.shape == (2, 1, 224, 224)
+    assert low.shape == (2, 1, 28, 28) and (low >= 0).all()
+    # Image score = mean of the low-resolution pseudo-Huber map (the reference's reduce_ascore).
+    torch.testing.assert_close(output.pred_score, low.mean(dim=(1, 2, 3)))
+
+
+def test_wrong_channel_count_is_explained() -> None:
+    model = FcddHsc(pre_trained=False, minmax="bottle").model.eval()
+    with pytest.raises(ValueError, match="Convert grayscale or RGBA"):
+        model(torch.rand(1, 1, 64, 64))
