@@ -94,7 +94,7 @@ def test_real_anomalies_replace_confetti() -> None:
 
 def test_confetti_used_for_normal_batches() -> None:
     model = FcddHsc(pre_trained=False, minmax="bottle", image_size=64, augment=False, anomaly_probability=1.0)
-    images, masks = model.training_inputs(make_batch([False, False], size=64))
+    _, masks = model.training_inputs(make_batch([False, False], size=64))
     assert masks.flatten(1).any(1).all()
     original = Fcdd(pre_trained=False, minmax="bottle", image_size=64, augment=False, anomaly_probability=1.0)
     _, masks = original.training_inputs(make_batch([False, False], size=64))
