@@ -39,6 +39,7 @@ from functools import partial
 
 import torch
 from torch import nn
+from torchvision.models import VGG11_BN_Weights
 
 from .anomaly_map import ReceptiveField
 from .offline_weights import TIMM_ARCH as LITE0_TIMM_ARCH
@@ -197,7 +198,8 @@ def _load(
 # ---------------------------------------------------------------------------------------------------------------------
 # VGG-11-BN (torchvision, the paper's backbone)
 # ---------------------------------------------------------------------------------------------------------------------
-VGG11_BN_URL = "https://download.pytorch.org/models/vgg11_bn-6002323d.pth"
+#: torchvision's ``VGG11_BN_Weights.IMAGENET1K_V1`` (file ``vgg11_bn-6002323d.pth``), the reference's weights.
+VGG11_BN_URL = VGG11_BN_Weights.IMAGENET1K_V1.url
 #: FCDD keeps VGG-11-BN's modules 0-20 (cut before the 4th max-pool) and freezes 0-14 (through the 3rd max-pool).
 VGG11_BN_CUT = 21
 VGG11_BN_FROZEN = 15
