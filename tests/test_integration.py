@@ -146,3 +146,23 @@ def test_every_config_runs_briefly(config: str, synthetic_root: Path, tmp_path: 
     )
     if semi_supervised:
         assert len(cli.datamodule.training_anomalies) == 2  # one per defect type (scratch, stain)
+
+
+def test_anomalib_benchmark_loads_the_plugin_model(synthetic_root: Path, tmp_path: Path) -> None:
+    config = tmp_path / "bench.yaml"
+    config.write_text(
+        "accelerator: cpu\n"
+        "benchmark:\n"
+        "  seed: 42\n"
+        "  model:\n"
+        "    class_path: FcddHsc\n"
+        "    init_args: {pre_trained: false, epochs: 1, passes_per_epoch: 1, image_size: 64}\n"
+        "  data:\n"
+        "    class_path: MVTec\n"
+        f"    init_args: {{root: {synthetic_root}, category: synthetic, num_workers: 0, train_batch_size: 8}}\n"
+    )
+    run_console("anomalib-fcdd", ["benchmark", "--config", str(config)], tmp_path)
+    results = list(tmp_path.glob("runs/benchmark/*/results.csv"))
+    assert results, "anomalib benchmark wrote no results.csv"
+    header, row = results[0].read_text().splitlines()[:2]
+    assert "pixel_AUPRO" in header and "FcddHsc" in row
