@@ -64,3 +64,11 @@ def test_border_pixel_peak_position() -> None:
     assert out[3, 8 * 27 + 3].item() == pytest.approx(0.25)
     assert out[4, 8 * 27 + 4].item() == pytest.approx(0.25)
     assert out.max().item() == pytest.approx(0.25)
+
+
+def test_separable_form_equals_the_2d_kernel() -> None:
+    low = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    separable = ReceptiveFieldUpsampler(VGG_FIELD, std=12, separable=True).double()
+    full = ReceptiveFieldUpsampler(VGG_FIELD, std=12, separable=False).double()
+    # Equal up to the float32 rounding of the stored kernel and window (~6e-8 relative).
+    torch.testing.assert_close(separable(low, (224, 224)), full(low, (224, 224)), rtol=2e-7, atol=1e-9)
