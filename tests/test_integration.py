@@ -166,3 +166,9 @@ def test_anomalib_benchmark_loads_the_plugin_model(synthetic_root: Path, tmp_pat
     assert results, "anomalib benchmark wrote no results.csv"
     header, row = results[0].read_text().splitlines()[:2]
     assert "pixel_AUPRO" in header and "FcddHsc" in row
+
+
+def test_training_images_are_decoded_at_240_and_test_images_at_224(trained: tuple) -> None:
+    _, _, datamodule, _ = trained
+    assert list(datamodule.train_data.augmentations.size) == [240, 240]
+    assert list(datamodule.test_data.augmentations.size) == [224, 224]

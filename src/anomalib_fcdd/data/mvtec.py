@@ -139,6 +139,9 @@ class MVTecFewAnomalies(MVTec):
 
     def train_dataloader(self) -> DataLoader:
         """Normal images, each replaced with probability ``anomaly_probability`` by a random real anomaly."""
+        # The anomaly pool was split off before anomalib attached the model's resize to the training set; share it so
+        # that normal and anomalous images arrive at the same size.
+        self.anomaly_data.augmentations = self.train_data.augmentations
         dataset = ReplacingDataset(self.train_data, self.anomaly_data, self.anomaly_probability)
         return DataLoader(
             dataset=dataset,

@@ -26,7 +26,7 @@ from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
-from torchvision.transforms.v2 import InterpolationMode, Resize
+from torchvision.transforms.v2 import Compose, InterpolationMode, Resize
 
 from .anomaly_generator import ConfettiAnomalyGenerator
 from .augmentation import FcddAugmentation
@@ -50,6 +50,18 @@ class FcddPreProcessor(PreProcessor):
         self.train_size = train_size
         self.train_transform = Resize((train_size, train_size), interpolation=InterpolationMode.NEAREST)
 
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Decode training images straight to ``train_size``.
+
+        anomalib appends the model's (evaluation) resize to every subset's dataset augmentations; for the training set
+        that would go original -> 224 -> 240. Swap it for the training resize so it goes original -> 240, as the
+        reference does.
+        """
+        del pl_module, stage
+        train_data = getattr(trainer.datamodule, "train_data", None) if trainer.datamodule is not None else None
+        if train_data is not None:
+            train_data.augmentations = _swap_resize(train_data.augmentations, self.transform, self.train_transform)
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Batch, batch_idx: int) -> None:
         """Resize training images and masks to ``train_size``."""
         del trainer, pl_module, batch_idx
@@ -64,6 +76,21 @@ class FcddPreProcessor(PreProcessor):
         super().load_checkpoint_config(config)
         self.train_size = int(config.get("train_size", self.train_size))
         self.train_transform = Resize((self.train_size, self.train_size), interpolation=InterpolationMode.NEAREST)
+
+
+def _swap_resize(augmentations: Any, model_resize: Any, train_resize: Resize) -> Any:
+    """``augmentations`` with the appended model resize replaced by ``train_resize`` (anything else is kept)."""
+    if augmentations is model_resize or _same_resize(augmentations, model_resize):
+        return train_resize
+    if isinstance(augmentations, Compose) and augmentations.transforms:
+        *head, last = augmentations.transforms
+        if last is model_resize or _same_resize(last, model_resize):
+            return Compose([*head, train_resize])
+    return augmentations
+
+
+def _same_resize(first: Any, second: Any) -> bool:
+    return isinstance(first, Resize) and isinstance(second, Resize) and first.size == second.size
 
 
 class _FcddLogic:
