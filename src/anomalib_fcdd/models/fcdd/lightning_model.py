@@ -32,7 +32,7 @@ from .anomaly_generator import ConfettiAnomalyGenerator
 from .augmentation import FcddAugmentation
 from .loss import FcddLoss
 from .performance import resolve_precision
-from .preprocessing import MVTEC_MINMAX, MinMaxAccumulator
+from .preprocessing import MVTEC_MINMAX, MinMaxAccumulator, nearest_resize
 from .torch_model import FcddModel
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,17 @@ class FcddPreProcessor(PreProcessor):
         super().__init__(transform=Resize((image_size, image_size), interpolation=InterpolationMode.NEAREST))
         self.train_size = train_size
         self.train_transform = Resize((train_size, train_size), interpolation=InterpolationMode.NEAREST)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Inference and export: the same nearest resize as ``transform``, as an index gather (:func:`nearest_resize`).
+
+        The gather selects exactly the pixels torch does; the ONNX ``Resize`` that torchvision's ``Resize`` exports to
+        picks a neighbouring row or column for some input sizes, so exported graphs would differ from eager torch.
+        """
+        if not isinstance(self.transform, Resize) or len(self.transform.size) != 2:
+            return super().forward(batch)
+        height, width = self.transform.size
+        return nearest_resize(batch, (height, width))
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Decode training images straight to ``train_size``.
