@@ -45,6 +45,10 @@ def rewrite_arguments(arguments: Sequence[str]) -> list[str]:
 def main(arguments: Sequence[str] | None = None) -> None:
     """Entry point of ``anomalib-fcdd``."""
     arguments = list(sys.argv[1:] if arguments is None else arguments)
+    if arguments and arguments[0] == "demo":
+        from .demo.cli import main as demo_main
+
+        raise SystemExit(demo_main(arguments[1:]))
     if arguments and arguments[0] == "predict-openvino":
         from anomalib_fcdd.deploy.predict import main as predict_openvino
 
