@@ -288,6 +288,11 @@ def targets(rows: list[Row], batch_sizes: list[int]) -> list[str]:
     return lines
 
 
+def _rate(images_per_second: float) -> str:
+    """One decimal, or two significant digits below 1 img/s (so a very slow row does not read as 0.0)."""
+    return f"{images_per_second:.1f}" if images_per_second >= 1 else f"{images_per_second:.2g}"
+
+
 def markdown(rows: list[Row], args: Any, info: Any, versions: dict[str, str], command: str, notes: list[str]) -> str:
     """The README section."""
     batch_sizes = args.batch_sizes
@@ -314,7 +319,7 @@ def markdown(rows: list[Row], args: Any, info: Any, versions: dict[str, str], co
     ]
     for row in rows:
         cells = [row.model, row.runtime, row.artefact, f"{row.size_mb:.2f}" if row.size_mb is not None else "-"]
-        cells += [f"{row.throughput[b]:.1f}" for b in batch_sizes]
+        cells += [_rate(row.throughput[b]) for b in batch_sizes]
         cells.append(f"{row.latency_ms:.1f}" if row.latency_ms is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Targets (issue 6):", "", *(targets(rows, batch_sizes) or ["- no PatchCore/FCDD pair measured"])]
