@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from anomalib_fcdd.cli import main as cli_main
@@ -172,7 +173,9 @@ def test_tiny_demo_run_writes_every_report_file(tiny_root: Path, tmp_path: Path)
     output = tmp_path / "report"
     args = ["--dataset", str(tiny_root), "--categories", "gravel", "--output", str(output), "--epochs", "2"]
     args += ["--image-size", "64", "--batch-size", "4", "--no-pretrained", "--no-progress-bar"]
+    threads = torch.get_num_threads()
     assert demo_main(args) == 0
+    assert torch.get_num_threads() == threads  # the demo's single-thread setting does not leak
     for name in ("index.md", "index.html", "metrics.csv", "metrics.json", "loss_curve.png"):
         assert (output / name).is_file(), name
     payload = json.loads((output / "metrics.json").read_text())
@@ -194,8 +197,11 @@ def test_tiny_demo_run_writes_every_report_file(tiny_root: Path, tmp_path: Path)
         assert figure.size[0] > 2 * figure.size[1]  # three panels side by side
 
 
-def test_demo_reports_a_missing_dataset_without_a_traceback(tmp_path: Path) -> None:
+def test_demo_reports_bad_input_without_a_traceback(tmp_path: Path) -> None:
     assert demo_main(["--dataset", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")]) == 2
+    assert demo_main(["--data-root", str(tmp_path / "data"), "--crop-size", "300"]) == 2
+    assert demo_main(["--data-root", str(tmp_path / "data"), "--categories", "marble"]) == 2
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

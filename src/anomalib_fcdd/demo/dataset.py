@@ -277,10 +277,11 @@ def credits_text(categories: Sequence[str]) -> str:
     lines += [f"  {name}: skimage.data.{TEXTURES[name].loader}() -- {TEXTURES[name].source}" for name in categories]
     lines += [
         "",
-        "Licence: the photographs are released under the Creative Commons CC0 1.0 Universal Public Domain Dedication",
-        "(https://creativecommons.org/publicdomain/zero/1.0/), according to scikit-image. scikit-image modified",
-        "them (cropping, scaling, perspective, conversion to grayscale). The crops and defects in this folder are",
-        "likewise dedicated to the public domain under CC0 1.0.",
+        "Licence: scikit-image states that these photographs are licensed under the Creative Commons CC0 License",
+        "(CC0 1.0 Universal Public Domain Dedication, https://creativecommons.org/publicdomain/zero/1.0/).",
+        "scikit-image processed them as its docstrings describe (cropping, scaling, grayscale; for brick also a",
+        "perspective transform and a rotation). This folder holds crops of those images, converted to RGB, some with",
+        "drawn-in defects (scratch, foreign_patch, stain, hole, fold) whose exact pixel masks are in ground_truth/.",
         "",
     ]
     return "\n".join(lines)
