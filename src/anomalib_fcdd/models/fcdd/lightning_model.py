@@ -368,5 +368,5 @@ class Fcdd(_FcddLogic, AnomalibModule):
 def _pre_processor(pre_processor: PreProcessor | bool, image_size: int) -> PreProcessor | bool:
     """``True`` means the FCDD pre-processor at ``image_size``; anything else is passed through."""
     if pre_processor is True:
-        return FcddPreProcessor(image_size=image_size, train_size=round(image_size * 240 / 224))
+        return _FcddLogic.configure_pre_processor((image_size, image_size))
     return pre_processor
