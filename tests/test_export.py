@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import urllib.error
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from anomalib_fcdd import FcddHsc
 from anomalib_fcdd.data import MVTec, make_synthetic_mvtec
 from anomalib_fcdd.deploy import VARIANTS, export_all
 from anomalib_fcdd.deploy import predict as predict_module
+from anomalib_fcdd.models.fcdd import weights as weights_module
+from anomalib_fcdd.models.fcdd.weights import WeightsError
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -261,9 +264,46 @@ def test_cli_export_short_name(trained: dict[str, Any], exported: dict[str, Path
     assert max_abs(via_engine["anomaly_map"], via_cli["anomaly_map"]) <= TOLERANCE
 
 
+@pytest.fixture
+def offline_imagenet(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No network and an empty torch hub cache: VGG-11-BN's ImageNet file cannot be had."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(weights_module.torch.hub, "download_url_to_file", refuse)
+
+
+@pytest.fixture
+def imagenet_checkpoint(trained: dict[str, Any], tmp_path: Path) -> Path:
+    """The trained checkpoint as a VGG model trained from ImageNet weights records it: ``pre_trained=True``."""
+    checkpoint = torch.load(trained["ckpt"], map_location="cpu", weights_only=False)
+    checkpoint["hyper_parameters"]["pre_trained"] = True
+    path = tmp_path / "imagenet_trained.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_checkpoint_of_a_pretrained_model_restores_offline(
+    trained: dict[str, Any], imagenet_checkpoint: Path, offline_imagenet: None
+) -> None:
+    """Restoring needs no ImageNet file (the checkpoint holds every weight); without a checkpoint the model refuses."""
+    restored = FcddHsc.load_from_checkpoint(imagenet_checkpoint)
+    assert restored.hparams.pre_trained is True and restored.model.missing_weights is None
+    images = np.stack([load_rgb(path) for path in trained["parity"][:2]])
+    reference, again = eager(trained["model"], images), eager(restored, images)
+    np.testing.assert_array_equal(reference["anomaly_map"], again["anomaly_map"])
+    np.testing.assert_array_equal(reference["pred_label"], again["pred_label"])
+
+    fresh = FcddHsc(pre_trained=True)  # offline: built, but must not run on random weights
+    with pytest.raises(WeightsError, match=r"(?s)vgg11_bn-6002323d\.pth.*none was loaded before it was used"):
+        fresh.eval()(torch.rand(1, 3, 64, 64))
+
+
 @pytest.mark.slow
-def test_stock_anomalib_cli_export(trained: dict[str, Any], tmp_path: Path) -> None:
-    """The stock ``anomalib export --model anomalib_fcdd.FcddHsc`` (anomalib's own CLI class) works too."""
+def test_stock_anomalib_cli_export(imagenet_checkpoint: Path, offline_imagenet: None, tmp_path: Path) -> None:
+    """The stock ``anomalib export --model anomalib_fcdd.FcddHsc`` works offline from a pretrained model's checkpoint."""
     from anomalib.cli.cli import AnomalibCLI
 
     AnomalibCLI(
@@ -271,10 +311,8 @@ def test_stock_anomalib_cli_export(trained: dict[str, Any], tmp_path: Path) -> N
             "export",
             "--model",
             "anomalib_fcdd.FcddHsc",
-            "--model.pre_trained",
-            "false",
             "--ckpt_path",
-            trained["ckpt"],
+            str(imagenet_checkpoint),
             "--export_type",
             "onnx",
             "--default_root_dir",

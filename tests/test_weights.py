@@ -79,8 +79,9 @@ def test_offline_without_cache_names_file_and_remedies(tmp_path: Path, monkeypat
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(weights_module.torch.hub, "download_url_to_file", offline)
-    with pytest.raises(WeightsError) as error:
-        FcddHsc(pre_trained=True)
+    model = FcddHsc(pre_trained=True)  # built (a checkpoint could still supply the weights) ...
+    with pytest.raises(WeightsError) as error:  # ... but never run on random weights
+        model.eval()(torch.rand(1, 3, 64, 64))
     message = str(error.value)
     assert "vgg11_bn-6002323d.pth" in message
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in message

