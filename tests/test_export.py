@@ -303,7 +303,7 @@ def test_checkpoint_of_a_pretrained_model_restores_offline(
 
 @pytest.mark.slow
 def test_stock_anomalib_cli_export(imagenet_checkpoint: Path, offline_imagenet: None, tmp_path: Path) -> None:
-    """The stock ``anomalib export --model anomalib_fcdd.FcddHsc`` works offline from a pretrained model's checkpoint."""
+    """The stock ``anomalib export --model anomalib_fcdd.FcddHsc`` works offline from a pretrained model's ckpt."""
     from anomalib.cli.cli import AnomalibCLI
 
     AnomalibCLI(

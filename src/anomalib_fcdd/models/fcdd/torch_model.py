@@ -101,8 +101,10 @@ class FcddModel(nn.Module):
                 module.eval()
         return self
 
-    def _clear_missing_weights_if_covered(self, module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
-        """``load_state_dict`` pre-hook on ``features``: a state dict holding all of its tensors replaces the weights."""
+    def _clear_missing_weights_if_covered(
+        self, module: nn.Module, state_dict: dict, prefix: str, *args: object
+    ) -> None:
+        """``load_state_dict`` pre-hook on ``features``: a state dict holding all its tensors replaces the weights."""
         del args
         if all(prefix + key in state_dict for key in module.state_dict()):
             self.missing_weights = None
