@@ -45,6 +45,7 @@ class Variant:
     bf16: bool
     channels_last: bool
     separable_upsampling: bool = True
+    fold_batchnorm: bool = True
 
 
 def machine() -> str:
@@ -67,6 +68,7 @@ def build(variant: Variant) -> FcddHsc:
     torch.manual_seed(0)
     model = FcddHsc(pre_trained=False, minmax="bottle", channels_last=variant.channels_last, visualizer=False)
     model.model.upsampler.separable = variant.separable_upsampling
+    model.model.fold_batchnorm = variant.fold_batchnorm
     model.model.train()
     return model
 
@@ -175,8 +177,14 @@ def main(argv: list[str] | None = None) -> int:
 
     auto = resolve_precision("auto", "cpu") == "bf16-mixed"
     variants = [
-        Variant("reference-like (fp32, NCHW, 2-D upsampling kernel)", False, False, separable_upsampling=False),
-        Variant(f"default ({'bf16' if auto else 'fp32'}, channels-last)", bf16=auto, channels_last=True),
+        Variant(
+            "reference-like (fp32, NCHW, 2-D upsampling kernel, BN unfolded)",
+            False,
+            False,
+            separable_upsampling=False,
+            fold_batchnorm=False,
+        ),
+        Variant(f"default ({'bf16' if auto else 'fp32'}, channels-last, BN folded at inference)", auto, True),
     ]
     if not auto and args.include_emulated_bf16:
         variants.append(Variant("bf16 forced (emulated here), channels-last", bf16=True, channels_last=True))

@@ -6,7 +6,7 @@ and the same profile always produces the same job keys: that is what makes a run
 Profiles:
 
 * ``full``    -- the paper's setting on all 15 MVTec-AD categories, 6 seeds; needs GPUs and the dataset.
-* ``offline`` -- what runs here without network on 2 CPU cores in about an hour: MVTec-AD ``bottle`` plus the demo
+* ``offline`` -- what runs here without network on 2 CPU cores in 10-55 minutes: MVTec-AD ``bottle`` plus the demo
   textures (or ``--extra-root`` folders), every method on the same offline pretrained backbone, reduced budget.
 * ``smoke``   -- generated 64 x 64 data, 1 epoch, 2 seeds, random weights: checks the plumbing in a few minutes.
 """
@@ -150,7 +150,7 @@ FULL = Profile(
 OFFLINE = Profile(
     name="offline",
     description=(
-        "No network, 2 CPU cores, about 50 minutes: MVTec-AD bottle plus the three demo textures, all methods on the "
+        "No network, 2 CPU cores, 10-55 minutes: MVTec-AD bottle plus the three demo textures, all methods on the "
         "offline ImageNet EfficientNet-Lite0, 2 seeds, 32 training images per category (the same seeded subset for "
         "every method), FCDD for 4 epochs of 2 passes (batch 8, 224 x 224), PatchCore with a 1 % coreset. "
         "See benchmarks/RUNNER.md for the reasoning."

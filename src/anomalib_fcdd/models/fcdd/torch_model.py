@@ -21,6 +21,7 @@ from torch import nn
 
 from .anomaly_map import ReceptiveFieldUpsampler
 from .backbones import build_backbone, derive_receptive_field
+from .batchnorm_folding import FoldedFeaturesCache
 from .preprocessing import InputNormalization
 from .weights import WeightsError
 
@@ -57,6 +58,10 @@ class FcddModel(nn.Module):
             fully (eval mode).
         channels_last: keep weights and activations in NHWC memory layout, which oneDNN and cuDNN convolutions run
             faster; results are identical up to float rounding.
+        fold_batchnorm: in eval mode without autograd (testing, prediction), run a copy of the backbone with each
+            ``Conv2d -> BatchNorm2d`` pair folded into one convolution (:mod:`.batchnorm_folding`): the same function
+            up to float rounding, with one pass over the activations less per BN layer. Exports trace the original
+            layers (OpenVINO folds them itself).
     """
 
     def __init__(
@@ -69,9 +74,12 @@ class FcddModel(nn.Module):
         minmax: str | list[float] | None = None,
         frozen_bn_train_mode: bool = True,
         channels_last: bool = True,
+        fold_batchnorm: bool = True,
     ) -> None:
         super().__init__()
         self.channels_last = channels_last
+        self.fold_batchnorm = fold_batchnorm
+        self._folded = FoldedFeaturesCache()
         self.normalization = InputNormalization(minmax)
         built = build_backbone(backbone, pre_trained, weights_path, frozen_modules)
         self.features = built.features
@@ -129,7 +137,32 @@ class FcddModel(nn.Module):
         if self.channels_last and not torch.compiler.is_exporting():
             normalised = normalised.contiguous(memory_format=torch.channels_last)
         # The head may run in bf16 under autocast; the distance and everything after it are computed in fp32.
-        return pseudo_huber(self.head(self.features(normalised)).float())
+        return pseudo_huber(self.head(self.inference_features()(normalised)).float())
+
+    def inference_features(self) -> nn.Module:
+        """The backbone to run now: its BN-folded copy when that is safe and asked for, else ``features`` itself.
+
+        Safe means eval mode with autograd off (no gradient may need to reach the original weights) and no tracing
+        (exports and ``torch.compile`` see the plain layers).
+        """
+        if (
+            self.fold_batchnorm
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and not torch.compiler.is_exporting()
+            and not torch.jit.is_scripting()
+        ):
+            folded = self._folded.get(self.features, self.channels_last)
+            if folded is not None:
+                return folded
+        return self.features
+
+    def __getstate__(self) -> dict:
+        """Pickle without the folded copy (``to_torch`` exports stay the size of the weights); rebuilt on use."""
+        state = self.__dict__.copy()
+        state["_folded"] = FoldedFeaturesCache()
+        return state
 
     def forward(self, images: torch.Tensor) -> FcddTrainOutput | InferenceBatch:
         """Train mode: :class:`FcddTrainOutput`; eval mode: ``InferenceBatch(pred_score, anomaly_map)``."""
