@@ -328,11 +328,11 @@ def markdown(rows: list[Row], args: Any, info: Any, versions: dict[str, str], co
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, path: Path = README) -> None:
-    """Replace the "## Inference" section of ``path`` (up to the next ``## `` heading), or append it."""
+def write_section(text: str, path: Path = README, section: str = SECTION) -> None:
+    """Replace the ``section`` heading's part of ``path`` (up to the next ``## `` heading), or append it."""
     current = path.read_text() if path.is_file() else "# Benchmarks\n"
     lines = current.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip("\n") == SECTION), None)
+    start = next((i for i, line in enumerate(lines) if line.rstrip("\n") == section), None)
     if start is None:
         path.write_text(current.rstrip("\n") + "\n\n" + text)
         return

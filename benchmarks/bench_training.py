@@ -35,6 +35,7 @@ from anomalib_fcdd.models.fcdd.performance import cpu_has_native_bf16, resolve_p
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "training.md"
+README_SECTION = "## Training and inference speed, memory"
 
 
 @dataclass
@@ -89,6 +90,24 @@ def infer(model: FcddHsc, images: torch.Tensor, bf16: bool) -> None:
     """Eval-mode forward of the torch model."""
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         model.model(images)
+
+
+def inference_macs_per_image(size: int = 224) -> float:
+    """Multiply-accumulates of the convolutions of one eval forward pass (hooks count ``out * C_in/groups * k^2``)."""
+    model = build(Variant("count", False, False)).model.eval()
+    total = 0
+
+    def count(layer: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        kernel = layer.weight.shape[2] * layer.weight.shape[3]
+        total += output.numel() * (layer.in_channels // layer.groups) * kernel
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.inference_mode():
+        model(torch.rand(1, 3, size, size))
+    for hook in hooks:
+        hook.remove()
+    return float(total)
 
 
 def measure(variants: list[Variant], batch: int, rounds: int) -> dict[str, dict[str, float]]:
@@ -173,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         "--include-emulated-bf16", action="store_true", help="also time bf16 where it is emulated (very slow)"
     )
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--readme", action=argparse.BooleanOptionalAction, default=True, help="also update benchmarks/README.md"
+    )
     args = parser.parse_args(argv)
 
     auto = resolve_precision("auto", "cpu") == "bf16-mixed"
@@ -198,15 +220,17 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {machine()}",
         f"- batch {args.batch}, 240 px training input (augmented to 224), 224 px inference, best of {args.rounds}",
         "",
-        "| variant | train img/s | × reference | inference img/s | × eager fp32 |",
-        "|---|---|---|---|---|",
+        "| variant | train img/s | × reference | inference img/s | × eager fp32 | inference conv GMAC/s |",
+        "|---|---|---|---|---|---|",
     ]
+    macs = inference_macs_per_image()
     for variant in variants:
         s = speeds[variant.name]
         lines.append(
             f"| {variant.name} | {s['train']:.2f} | {s['train'] / base['train']:.2f} | {s['infer']:.2f} "
-            f"| {s['infer'] / base['infer']:.2f} |"
+            f"| {s['infer'] / base['infer']:.2f} | {s['infer'] * macs / 1e9:.0f} |"
         )
+    lines += ["", f"Convolutions of one 224 x 224 inference pass: {macs / 1e9:.2f} GMAC."]
     if not args.skip_memory and (args.mvtec_root / args.category).is_dir():
         workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "fcdd_bench_memory"
         memory = full_category_memory(args.mvtec_root, args.category, workdir)
@@ -219,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
+    if args.readme:
+        from benchmarks.bench_inference import write_section
+
+        body = text.split("\n", 1)[1]  # the file's own title becomes the README section heading
+        write_section(f"{README_SECTION}\n{body}", section=README_SECTION)
     print(text)
     return 0
 

@@ -342,6 +342,36 @@ def test_export_all_variants(trained: dict[str, Any], tmp_path: Path) -> None:
         assert correlation > 0.9, f"{name}: heatmap correlation with FP32 only {correlation:.3f}"
 
 
+def test_int8_ptq_quantises_only_the_convolutions(trained: dict[str, Any], tmp_path: Path) -> None:
+    """FCDD's INT8_PTQ puts fake-quantisers in front of backbone/head convolutions only, never in front of the
+    element-wise maths or the upsampler, and the result still tracks the float model."""
+    from anomalib_fcdd.deploy.quantization import FLOAT_OP_TYPES
+
+    artefact = export_all(
+        trained["model"], tmp_path, trained["datamodule"], variants=["openvino_int8_ptq"], calibration_images=8
+    )["openvino_int8_ptq"]
+    graph = ov.Core().read_model(artefact.path)
+    fed_by_quantiser: set[str] = set()
+    for op in graph.get_ordered_ops():
+        if op.get_type_name() == "FakeQuantize":
+            for output in op.outputs():
+                fed_by_quantiser |= {target.get_node().get_type_name() for target in output.get_target_inputs()}
+    convolutions = [op for op in graph.get_ordered_ops() if op.get_type_name() == "Convolution"]
+    quantised = 0
+    for convolution in convolutions:
+        source = convolution.input_value(0).get_node()
+        if source.get_type_name() == "MaxPool":  # VGG: the quantiser sits before the pool
+            source = source.input_value(0).get_node()
+        quantised += source.get_type_name() == "FakeQuantize"
+    assert fed_by_quantiser <= {"Convolution", "MaxPool"}, fed_by_quantiser
+    assert not fed_by_quantiser & set(FLOAT_OP_TYPES)
+    assert quantised == len(convolutions) == 7  # every VGG conv and the head run in INT8
+    images = np.stack([load_rgb(path) for path in trained["parity"][:2]])
+    reference = eager(trained["model"], images)["anomaly_map"].ravel()
+    quantised = run_openvino(artefact.path, images)["anomaly_map"].ravel()
+    assert np.corrcoef(reference, quantised)[0, 1] > 0.9
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # predict-openvino
 # ---------------------------------------------------------------------------------------------------------------------

@@ -207,6 +207,16 @@ class _FcddLogic:
         scheduler = optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: decay ** (epoch // passes))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
+    @staticmethod
+    def _post_training_quantization_ov(model: Any, datamodule: Any = None) -> Any:
+        """INT8_PTQ for every export path (``Engine.export``, ``anomalib export``): backbone INT8, the rest float.
+
+        See :mod:`anomalib_fcdd.deploy.quantization` for why the element-wise ops and the upsampler stay in float.
+        """
+        from anomalib_fcdd.deploy.quantization import quantize_post_training
+
+        return quantize_post_training(model, datamodule)
+
     @property
     def trainer_arguments(self) -> dict[str, Any]:
         """No sanity validation; bf16 where native; ``epochs`` paper epochs = ``epochs * passes_per_epoch`` passes."""
