@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from anomalib_fcdd import FcddHsc
-from anomalib_fcdd.models.fcdd.performance import cpu_has_native_bf16, resolve_precision
+from anomalib_fcdd.models.fcdd.performance import native_bf16_cpu_flags, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "training.md"
@@ -60,7 +60,8 @@ def machine() -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
+    flags = native_bf16_cpu_flags()
+    bf16 = f"native bf16: {', '.join(sorted(flags))}" if flags else "no native bf16"
     return f"{model}, {os.cpu_count()} cores ({bf16}), torch {torch.__version__}{gpu}"
 
 

@@ -1,12 +1,12 @@
 """FCDD's INT8 post-training quantisation: integer convolutions, float everything around them.
 
-nncf's default ``quantize`` also puts 8-bit fake-quantisers in front of the element-wise ops and reductions of FCDD's
-graph: the input's LCN and min-max, the pseudo-Huber distance ``sqrt(phi^2 + 1) - 1``, the Gaussian upsampler (two
-``ConvolutionBackpropData``), the image score's mean and anomalib's score normalisation. Rounding the one-channel anomaly map to 256 levels
-before it is upsampled and averaged ties pixels and images that the float model ranks apart, and that is where the
-default INT8_PTQ artefact lost its accuracy (bottle: image AUROC 0.94 -> 0.85, measured with
-``benchmarks/export_accuracy.py``). Keeping those op types in float leaves every backbone convolution and the head in
-INT8 -- nearly all of the compute -- and costs almost nothing in speed.
+nncf's default ``quantize`` also puts 8-bit fake-quantisers in front of the element-wise ops and reductions of
+FCDD's graph: the input's LCN and min-max, the pseudo-Huber distance ``sqrt(phi^2 + 1) - 1``, the Gaussian upsampler
+(two ``ConvolutionBackpropData``), the image score's mean and anomalib's score normalisation. Rounding the
+one-channel anomaly map to 256 levels before it is upsampled and averaged ties pixels and images that the float model
+ranks apart, and that is where the default INT8_PTQ artefact lost its accuracy (bottle: image AUROC 0.94 -> 0.85,
+measured with ``benchmarks/export_accuracy.py``-style scoring). Keeping those op types in float leaves every backbone
+convolution and the head in INT8 -- nearly all of the compute -- and costs almost nothing in speed.
 """
 
 from __future__ import annotations

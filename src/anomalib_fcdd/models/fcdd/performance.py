@@ -17,16 +17,21 @@ NATIVE_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
 @functools.cache
-def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """True when the CPU advertises AMX-BF16 or AVX512-BF16 (Linux x86; False where unknown)."""
+def native_bf16_cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The AMX-BF16 / AVX512-BF16 flags the CPU advertises (Linux x86; empty where unknown)."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
-        return False
+        return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            return bool(NATIVE_BF16_CPU_FLAGS & set(line.split(":", 1)[-1].split()))
-    return False
+            return NATIVE_BF16_CPU_FLAGS & frozenset(line.split(":", 1)[-1].split())
+    return frozenset()
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU advertises AMX-BF16 or AVX512-BF16 (Linux x86; False where unknown)."""
+    return bool(native_bf16_cpu_flags(cpuinfo))
 
 
 def resolve_precision(precision: str, accelerator: str | None = None) -> str:
