@@ -48,27 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def train_and_test(args: argparse.Namespace, precision: str, work: Path) -> dict[str, Any]:
     """One Engine fit + test at ``precision``; returns the test metrics and the fit time."""
     from anomalib.engine import Engine
-    from lightning.pytorch import seed_everything
 
-    from anomalib_fcdd import FcddHsc
-    from anomalib_fcdd.data import MVTec
+    from benchmarks.export_accuracy import seeded_model_and_data
 
-    seed_everything(args.seed, workers=True)
-    datamodule = MVTec(
-        root=args.mvtec_root,
-        category=args.category,
-        train_batch_size=args.batch_size,
-        eval_batch_size=args.batch_size,
-        num_workers=args.num_workers,
-    )
-    model = FcddHsc(
-        backbone=args.backbone,
-        pre_trained=args.pre_trained,
-        epochs=args.epochs,
-        passes_per_epoch=args.passes_per_epoch,
-        precision=precision,
-        visualizer=False,
-    )
+    model, datamodule = seeded_model_and_data(args, precision=precision, visualizer=False)
     engine = Engine(default_root_dir=work / precision, logger=False, accelerator="cpu", enable_progress_bar=False)
     started = time.perf_counter()
     engine.fit(model, datamodule=datamodule)

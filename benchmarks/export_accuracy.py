@@ -67,9 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------------------------
 # Training and data
 # ---------------------------------------------------------------------------------------------------------------------
-def train(args: argparse.Namespace, work: Path) -> tuple[Any, Any, float]:
-    """A short FCDD run with anomalib's Engine; returns the model (thresholds fitted), datamodule and seconds."""
-    from anomalib.engine import Engine
+def seeded_model_and_data(args: argparse.Namespace, **model_kwargs: Any) -> tuple[Any, Any]:
+    """Seed everything, then build the MVTec datamodule and the ``FcddHsc`` that ``args`` describe."""
     from lightning.pytorch import seed_everything
 
     from anomalib_fcdd import FcddHsc
@@ -88,7 +87,16 @@ def train(args: argparse.Namespace, work: Path) -> tuple[Any, Any, float]:
         pre_trained=args.pre_trained,
         epochs=args.epochs,
         passes_per_epoch=args.passes_per_epoch,
+        **model_kwargs,
     )
+    return model, datamodule
+
+
+def train(args: argparse.Namespace, work: Path) -> tuple[Any, Any, float]:
+    """A short FCDD run with anomalib's Engine; returns the model (thresholds fitted), datamodule and seconds."""
+    from anomalib.engine import Engine
+
+    model, datamodule = seeded_model_and_data(args)
     engine = Engine(default_root_dir=work / "run", logger=False, accelerator="cpu", enable_progress_bar=False)
     started = time.perf_counter()
     engine.fit(model, datamodule=datamodule)
