@@ -3,10 +3,11 @@
 Variants, all on the same network (VGG-11-BN cut, 224 x 224), batch and machine, interleaved round by round so that
 machine noise hits them alike:
 
-* ``reference-like``: fp32, NCHW, eager, the 62 x 62 upsampling kernel applied in one 2-D transposed convolution --
-  the reference's kind of step;
+* ``reference-like``: fp32, NCHW, eager, the 62 x 62 upsampling kernel applied in one 2-D transposed convolution,
+  BatchNorm layers run as such at inference -- the reference's kind of step;
 * ``default``: this package's default (``precision="auto"``: bf16 autocast where the hardware has native bf16, else
-  fp32; channels-last memory layout; the upsampling kernel applied as two 1-D passes);
+  fp32; channels-last memory layout; the upsampling kernel applied as two 1-D passes; BatchNorm folded into the
+  convolutions at inference);
 * ``bf16 forced``: bf16 autocast even where it is emulated, to show what ``auto`` avoids.
 
 A training step is the package's full step: confetti synthesis and augmentation on the batch, forward, loss, backward,
