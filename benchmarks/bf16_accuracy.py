@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any
+
+from benchmarks.bench_inference import default_mvtec_root
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "bf16_accuracy.md"
@@ -31,8 +32,9 @@ METRICS = ("pixel_AUROC", "pixel_AUPR", "pixel_AUPRO", "image_AUROC")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    root = Path(os.environ.get("FCDD_MVTEC_ROOT", REPO.parent / "shared" / "data" / "mvtec_ad"))
-    parser.add_argument("--mvtec-root", type=Path, default=root, help="default: $FCDD_MVTEC_ROOT or ../shared/...")
+    parser.add_argument(
+        "--mvtec-root", type=Path, default=default_mvtec_root(), help="default: $FCDD_MVTEC_ROOT or ../shared/..."
+    )
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--pre-trained", action=argparse.BooleanOptionalAction, default=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import urllib.error
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ from anomalib_fcdd import FcddHsc
 from anomalib_fcdd.data import MVTec, make_synthetic_mvtec
 from anomalib_fcdd.deploy import VARIANTS, export_all
 from anomalib_fcdd.deploy import predict as predict_module
-from anomalib_fcdd.models.fcdd import weights as weights_module
 from anomalib_fcdd.models.fcdd.weights import WeightsError
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -265,17 +263,6 @@ def test_cli_export_short_name(trained: dict[str, Any], exported: dict[str, Path
 
 
 @pytest.fixture
-def offline_imagenet(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No network and an empty torch hub cache: VGG-11-BN's ImageNet file cannot be had."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise urllib.error.URLError("Name or service not known")
-
-    monkeypatch.setattr(weights_module.torch.hub, "download_url_to_file", refuse)
-
-
-@pytest.fixture
 def imagenet_checkpoint(trained: dict[str, Any], tmp_path: Path) -> Path:
     """The trained checkpoint as a VGG model trained from ImageNet weights records it: ``pre_trained=True``."""
     checkpoint = torch.load(trained["ckpt"], map_location="cpu", weights_only=False)
@@ -286,7 +273,7 @@ def imagenet_checkpoint(trained: dict[str, Any], tmp_path: Path) -> Path:
 
 
 def test_checkpoint_of_a_pretrained_model_restores_offline(
-    trained: dict[str, Any], imagenet_checkpoint: Path, offline_imagenet: None
+    trained: dict[str, Any], imagenet_checkpoint: Path, offline_imagenet: Path
 ) -> None:
     """Restoring needs no ImageNet file (the checkpoint holds every weight); without a checkpoint the model refuses."""
     restored = FcddHsc.load_from_checkpoint(imagenet_checkpoint)
@@ -302,7 +289,7 @@ def test_checkpoint_of_a_pretrained_model_restores_offline(
 
 
 @pytest.mark.slow
-def test_stock_anomalib_cli_export(imagenet_checkpoint: Path, offline_imagenet: None, tmp_path: Path) -> None:
+def test_stock_anomalib_cli_export(imagenet_checkpoint: Path, offline_imagenet: Path, tmp_path: Path) -> None:
     """The stock ``anomalib export --model anomalib_fcdd.FcddHsc`` works offline from a pretrained model's ckpt."""
     from anomalib.cli.cli import AnomalibCLI
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import urllib.error
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ import torch
 from torchvision.models import vgg11_bn
 
 from anomalib_fcdd import FcddHsc
-from anomalib_fcdd.models.fcdd import weights as weights_module
 from anomalib_fcdd.models.fcdd.weights import WeightsError, load_state_dict_file
 
 
@@ -72,21 +70,15 @@ def test_wrong_architecture_names_missing_tensors(tmp_path: Path) -> None:
         FcddHsc(weights_path=str(other))
 
 
-def test_offline_without_cache_names_file_and_remedies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-
-    def offline(*args: object, **kwargs: object) -> None:
-        raise urllib.error.URLError("Name or service not known")
-
-    monkeypatch.setattr(weights_module.torch.hub, "download_url_to_file", offline)
+def test_offline_without_cache_names_file_and_remedies(offline_imagenet: Path) -> None:
     model = FcddHsc(pre_trained=True)  # built (a checkpoint could still supply the weights) ...
     with pytest.raises(WeightsError) as error:  # ... but never run on random weights
         model.eval()(torch.rand(1, 3, 64, 64))
     message = str(error.value)
     assert "vgg11_bn-6002323d.pth" in message
-    assert str(tmp_path / "torch" / "hub" / "checkpoints") in message
+    assert str(offline_imagenet / "hub" / "checkpoints") in message
     assert "weights_path" in message and "pre_trained=False" in message
-    assert not (tmp_path / "torch" / "hub" / "checkpoints" / "vgg11_bn-6002323d.pth").exists()
+    assert not (offline_imagenet / "hub" / "checkpoints" / "vgg11_bn-6002323d.pth").exists()
 
 
 def test_missing_file() -> None:

@@ -37,12 +37,7 @@ def fold_conv_batchnorm(features: nn.Module) -> nn.Sequential | None:
     index, count = 0, 0
     while index < len(layers):
         layer, following = layers[index], layers[index + 1] if index + 1 < len(layers) else None
-        if (
-            type(layer) is nn.Conv2d
-            and type(following) is nn.BatchNorm2d
-            and following.track_running_stats
-            and following.running_mean is not None
-        ):
+        if type(layer) is nn.Conv2d and type(following) is nn.BatchNorm2d and following.running_mean is not None:
             conv, norm = copy.deepcopy(layer).eval(), copy.deepcopy(following).eval()
             folded.append(fuse_conv_bn_eval(conv, norm))
             index, count = index + 2, count + 1
@@ -78,7 +73,3 @@ class FoldedFeaturesCache:
                 network = network.to(memory_format=torch.channels_last)
             self._network, self._key = network, key
         return self._network
-
-    def clear(self) -> None:
-        """Drop the copy (it is rebuilt on the next call)."""
-        self._key, self._network = None, None

@@ -151,7 +151,6 @@ class FcddModel(nn.Module):
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
             and not torch.compiler.is_exporting()
-            and not torch.jit.is_scripting()
         ):
             folded = self._folded.get(self.features, self.channels_last)
             if folded is not None:
