@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from anomalib_fcdd.models.fcdd import performance
+from anomalib_fcdd.models.fcdd.anomaly_generator import ConfettiAnomalyGenerator
 from anomalib_fcdd.models.fcdd.anomaly_map import ReceptiveField, ReceptiveFieldUpsampler
+from anomalib_fcdd.models.fcdd.augmentation import FcddAugmentation
 from anomalib_fcdd.models.fcdd.torch_model import FcddModel
 
 
@@ -62,3 +64,33 @@ def test_bf16_map_is_close_to_fp32() -> None:
             fast = model(images).anomaly_map
     assert fast.dtype == torch.float32
     assert ((fast - reference).abs().max() / reference.abs().max()).item() < 0.05
+
+
+@pytest.mark.parametrize("crop_probability", [0.0, 1.0])
+def test_augmentation_is_unchanged_by_bf16_autocast(crop_probability: float) -> None:
+    """Resize branch (affine grid) and crop branch, colour jitter and noise: identical draws give identical pixels.
+
+    Before the augmentation left autocast, the bf16 sampling grid of the 240 -> 224 resize picked other source pixels
+    for about a third of the image and the colours came back rounded to bf16.
+    """
+    augmentation = FcddAugmentation(size=224, crop_probability=crop_probability)
+    images = torch.rand(4, 3, 240, 240, generator=torch.Generator().manual_seed(0))
+    masks = torch.rand(4, 1, 240, 240, generator=torch.Generator().manual_seed(1)) > 0.7
+    plain = augmentation(images, masks, torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = augmentation(images, masks, torch.Generator().manual_seed(2))
+    assert mixed[0].dtype == torch.float32
+    assert torch.equal(mixed[0], plain[0])
+    assert torch.equal(mixed[1], plain[1])
+
+
+def test_smoothed_confetti_is_unchanged_by_bf16_autocast() -> None:
+    generator = ConfettiAnomalyGenerator(probability=1.0, smooth=True)
+    images = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    plain = generator(images, torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = generator(images, torch.Generator().manual_seed(3))
+    assert plain[1].any()
+    assert mixed[0].dtype == torch.float32
+    assert torch.equal(mixed[0], plain[0])
+    assert torch.equal(mixed[1], plain[1])

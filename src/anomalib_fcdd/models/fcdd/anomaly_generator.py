@@ -210,7 +210,16 @@ class ConfettiAnomalyGenerator(nn.Module):
     def forward(
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Corrupt a random subset of ``images`` (B x C x H x W in [0, 1])."""
+        """Corrupt a random subset of ``images`` (B x C x H x W in [0, 1]), always outside autocast.
+
+        Under bf16 autocast the optional blur (a convolution) would run in bf16 and shift the noise's grey levels.
+        """
+        with torch.autocast(images.device.type, enabled=False):
+            return self._corrupt(images, generator)
+
+    def _corrupt(
+        self, images: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch = images.shape[0]
         replaced = torch.rand(batch, device=images.device, generator=generator) < self.probability
         masks = torch.zeros(batch, 1, *images.shape[-2:], dtype=torch.bool, device=images.device)

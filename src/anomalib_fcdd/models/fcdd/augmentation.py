@@ -128,7 +128,18 @@ class FcddAugmentation(nn.Module):
     def forward(
         self, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augment ``B x 3 x H x W`` images in [0, 1] and ``B x 1 x H x W`` masks."""
+        """Augment ``B x 3 x H x W`` images in [0, 1] and ``B x 1 x H x W`` masks, always outside autocast.
+
+        Under bf16 autocast ``affine_grid`` and the hue ``einsum`` would run in bf16: the rounded sampling grid picks
+        other source pixels for a third of a resized image, and the colours come out rounded to bf16. The
+        augmentation is a few element-wise passes, so it costs nothing to keep it in the images' own dtype.
+        """
+        with torch.autocast(images.device.type, enabled=False):
+            return self._augment(images, masks, generator)
+
+    def _augment(
+        self, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         images, masks = joint_crop_or_resize(images, masks, self.size, self.crop_probability, generator)
         strong = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
         strengths = torch.where(
