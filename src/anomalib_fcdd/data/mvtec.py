@@ -23,6 +23,7 @@ import torch
 from anomalib.data import MVTecAD
 from torch.utils.data import DataLoader, Dataset
 
+from .loading import ContinuousPassLoader
 from .validation import DatasetError, validate_mvtec_layout
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ class MVTec(MVTecAD):
         download: fetch MVTec-AD when ``root/category`` is missing (needs internet). Off by default, so a wrong path
             is reported instead of starting a 5 GB download.
         validate: check the layout, images and masks before training (a few seconds per category).
+        continuous_passes: serve training batches from a :class:`~.loading.ContinuousPassLoader`, whose workers
+            prefetch the next pass while the current one trains; every epoch is still exactly one shuffled pass.
+            ``False`` gives anomalib's plain ``DataLoader`` (restarted every epoch).
         **kwargs: everything ``anomalib.data.MVTecAD`` accepts.
     """
 
@@ -47,6 +51,7 @@ class MVTec(MVTecAD):
         num_workers: int = 8,
         download: bool = False,
         validate: bool = True,
+        continuous_passes: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -59,6 +64,7 @@ class MVTec(MVTecAD):
         )
         self.download = download
         self.validate = validate
+        self.continuous_passes = continuous_passes
         self._validated = False
 
     def prepare_data(self) -> None:
@@ -81,6 +87,20 @@ class MVTec(MVTecAD):
     def _setup(self, _stage: str | None = None) -> None:
         self._check()
         super()._setup(_stage)
+
+    def train_dataloader(self) -> DataLoader | ContinuousPassLoader:
+        """Shuffled passes over the normal training images (see ``continuous_passes``)."""
+        return self._training_loader(self.train_data)
+
+    def _training_loader(self, dataset: Dataset) -> DataLoader | ContinuousPassLoader:
+        loader_class = ContinuousPassLoader if self.continuous_passes else DataLoader
+        return loader_class(
+            dataset,
+            batch_size=self.train_batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            collate_fn=self.external_collate_fn or self.train_data.collate_fn,
+        )
 
 
 class MVTecFewAnomalies(MVTec):
@@ -137,19 +157,12 @@ class MVTecFewAnomalies(MVTec):
             self.training_anomalies,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | ContinuousPassLoader:
         """Normal images, each replaced with probability ``anomaly_probability`` by a random real anomaly."""
         # The anomaly pool was split off before anomalib attached the model's resize to the training set; share it so
         # that normal and anomalous images arrive at the same size.
         self.anomaly_data.augmentations = self.train_data.augmentations
-        dataset = ReplacingDataset(self.train_data, self.anomaly_data, self.anomaly_probability)
-        return DataLoader(
-            dataset=dataset,
-            shuffle=True,
-            batch_size=self.train_batch_size,
-            num_workers=self.num_workers,
-            collate_fn=self.external_collate_fn or self.train_data.collate_fn,
-        )
+        return self._training_loader(ReplacingDataset(self.train_data, self.anomaly_data, self.anomaly_probability))
 
 
 class ReplacingDataset(Dataset):

@@ -1,0 +1,100 @@
+"""The continuous-pass training loader: every epoch one whole shuffled pass, workers kept across epochs."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from anomalib_fcdd.data import ContinuousPassLoader, MVTec, PassBatchSampler, make_synthetic_mvtec
+
+
+class IndexAndProcess(Dataset):
+    """Item ``i`` is ``(i, pid of the process that loaded it)``."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        return index, os.getpid()
+
+
+def _indices(batches: list) -> list[int]:
+    return [int(i) for indices, _ in batches for i in indices]
+
+
+def test_each_pass_is_a_fresh_permutation_in_reference_batches() -> None:
+    torch.manual_seed(0)
+    stream = iter(PassBatchSampler(10, 4))
+    passes = [[next(stream) for _ in range(3)] for _ in range(3)]
+    for batches in passes:
+        assert [len(batch) for batch in batches] == [4, 4, 2]
+        assert sorted(i for batch in batches for i in batch) == list(range(10))
+    assert passes[0] != passes[1] != passes[2]
+    torch.manual_seed(0)
+    again = iter(PassBatchSampler(10, 4))
+    assert [next(again) for _ in range(3)] == passes[0]
+
+
+def test_unshuffled_and_drop_last_passes() -> None:
+    stream = iter(PassBatchSampler(10, 4, shuffle=False, drop_last=True))
+    assert [next(stream) for _ in range(4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3], [4, 5, 6, 7]]
+    assert len(PassBatchSampler(10, 4, drop_last=True)) == 2
+    assert len(PassBatchSampler(10, 4)) == 3
+
+
+def test_bad_sizes_are_reported() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        PassBatchSampler(0, 4)
+    with pytest.raises(ValueError, match="drop_last"):
+        PassBatchSampler(3, 4, drop_last=True)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_every_epoch_is_one_whole_pass(num_workers: int) -> None:
+    torch.manual_seed(0)
+    loader = ContinuousPassLoader(IndexAndProcess(), batch_size=4, num_workers=num_workers)
+    assert len(loader) == 3
+    epochs = [list(loader) for _ in range(3)]
+    for batches in epochs:
+        assert [len(indices) for indices, _ in batches] == [4, 4, 2]
+        assert Counter(_indices(batches)) == Counter(range(10))
+    assert _indices(epochs[0]) != _indices(epochs[1])
+    loader.close()
+
+
+def test_workers_keep_running_across_epochs() -> None:
+    """Three epochs are decoded by the same two worker processes; a plain DataLoader forks two new ones per epoch."""
+    continuous = ContinuousPassLoader(IndexAndProcess(), batch_size=2, num_workers=2)
+    plain = DataLoader(IndexAndProcess(), batch_size=2, num_workers=2, shuffle=True)
+    continuous_pids = {int(pid) for _ in range(3) for _, pids in continuous for pid in pids}
+    plain_pids = {int(pid) for _ in range(3) for _, pids in plain for pid in pids}
+    assert len(continuous_pids) == 2
+    assert len(plain_pids) == 6
+    assert os.getpid() not in continuous_pids
+    continuous.close()
+
+
+def test_an_epoch_stopped_early_is_followed_by_a_whole_pass() -> None:
+    torch.manual_seed(0)
+    loader = ContinuousPassLoader(IndexAndProcess(), batch_size=4)
+    first = iter(loader)
+    next(first)  # e.g. limit_train_batches=1
+    assert Counter(_indices(list(loader))) == Counter(range(10))
+    assert Counter(_indices(list(loader))) == Counter(range(10))
+
+
+def test_mvtec_trains_from_the_continuous_loader(tmp_path: Path) -> None:
+    make_synthetic_mvtec(tmp_path, category="bottle", n_train=5, n_test_good=2, n_test_defect=2, size=32)
+    datamodule = MVTec(root=tmp_path, category="bottle", train_batch_size=2, num_workers=0)
+    datamodule.setup()
+    loader = datamodule.train_dataloader()
+    assert isinstance(loader, ContinuousPassLoader)
+    assert [len(batch.image) for batch in loader] == [2, 2, 1]
+    plain = MVTec(root=tmp_path, category="bottle", train_batch_size=2, num_workers=0, continuous_passes=False)
+    plain.setup()
+    assert isinstance(plain.train_dataloader(), DataLoader)
