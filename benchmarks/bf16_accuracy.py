@@ -2,9 +2,9 @@
 
 Each run trains ``FcddHsc`` on an MVTec-AD category through anomalib's Engine (``precision="32-true"`` and
 ``precision="bf16-mixed"``; everything else identical, including the seed, so confetti, augmentation and batch order
-are the same draws) and tests it with anomalib's evaluator (pixel AUROC / AP / AUPRO, image AUROC). The upsampler and
-the loss run in fp32 in both (see ``ReceptiveFieldUpsampler``), so the difference measured is that of the network's
-bf16 convolutions and of their gradients.
+are the same draws) and tests it with anomalib's evaluator (pixel AUROC / AP / AUPRO, image AUROC). Confetti
+synthesis, augmentation, the upsampler and the loss run in fp32 in both, so the two runs see identical training images
+and the difference measured is that of the network's bf16 convolutions and of their gradients.
 
     .venv/bin/python -m benchmarks.bf16_accuracy [--backbone efficientnet_lite0] [--epochs 3] [--passes-per-epoch 5]
 
