@@ -67,8 +67,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------------------------
 # Training and data
 # ---------------------------------------------------------------------------------------------------------------------
-def seeded_model_and_data(args: argparse.Namespace, **model_kwargs: Any) -> tuple[Any, Any]:
-    """Seed everything, then build the MVTec datamodule and the ``FcddHsc`` that ``args`` describe."""
+def seeded_model_and_data(
+    args: argparse.Namespace,
+    root: Path | None = None,
+    datamodule_kwargs: dict[str, Any] | None = None,
+    **model_kwargs: Any,
+) -> tuple[Any, Any]:
+    """Seed everything, then build the MVTec datamodule and the ``FcddHsc`` that ``args`` describe.
+
+    ``root`` replaces ``args.mvtec_root``; ``datamodule_kwargs`` and ``model_kwargs`` go to ``MVTec`` and ``FcddHsc``.
+    """
     from lightning.pytorch import seed_everything
 
     from anomalib_fcdd import FcddHsc
@@ -76,11 +84,12 @@ def seeded_model_and_data(args: argparse.Namespace, **model_kwargs: Any) -> tupl
 
     seed_everything(args.seed, workers=True)
     datamodule = MVTec(
-        root=args.mvtec_root,
+        root=args.mvtec_root if root is None else root,
         category=args.category,
         train_batch_size=args.batch_size,
         eval_batch_size=args.batch_size,
         num_workers=args.num_workers,
+        **(datamodule_kwargs or {}),
     )
     model = FcddHsc(
         backbone=args.backbone,

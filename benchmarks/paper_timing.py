@@ -104,34 +104,16 @@ def stand_in_dataset(root: Path, category: str, scale: float) -> Path:
     return root
 
 
-def machine_line() -> str:
-    from benchmarks.bench_training import machine
-
-    return machine()
-
-
 def run(args: argparse.Namespace, data_root: Path, work: Path) -> dict[str, Any]:
     """One Engine fit and test; returns the timings and memory figures."""
     from anomalib.engine import Engine
-    from lightning.pytorch import seed_everything
 
-    from anomalib_fcdd import FcddHsc
-    from anomalib_fcdd.data import MVTec
+    from benchmarks.export_accuracy import seeded_model_and_data
 
-    seed_everything(args.seed, workers=True)
-    datamodule = MVTec(
+    model, datamodule = seeded_model_and_data(
+        args,
         root=data_root,
-        category=args.category,
-        train_batch_size=args.batch_size,
-        eval_batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        continuous_passes=args.continuous_passes,
-    )
-    model = FcddHsc(
-        backbone=args.backbone,
-        pre_trained=args.pre_trained,
-        epochs=args.epochs,
-        passes_per_epoch=args.passes_per_epoch,
+        datamodule_kwargs={"continuous_passes": args.continuous_passes},
         precision=args.precision,
         visualizer=False,
     )
@@ -162,6 +144,8 @@ def run(args: argparse.Namespace, data_root: Path, work: Path) -> dict[str, Any]
 
 def report(args: argparse.Namespace, figures: dict[str, Any], argv: list[str]) -> str:
     """The Markdown section for one run."""
+    from benchmarks.bench_training import machine
+
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     data = "synthetic stand-in of bottle's shape" if args.synthetic else f"MVTec-AD {args.category}"
     if args.synthetic and args.synthetic_scale != 1.0:
@@ -173,7 +157,7 @@ def report(args: argparse.Namespace, figures: dict[str, Any], argv: list[str]) -
         "",
         f"- command: `python -m benchmarks.paper_timing {' '.join(argv)}`",
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {machine_line()}",
+        f"- machine: {machine()}",
         f"- accelerator: {figures['accelerator']}, precision {figures['precision']}, {args.num_workers} workers, "
         f"continuous passes {'on' if args.continuous_passes else 'off'}",
         "",
