@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from anomalib.engine import Engine
+from lightning.pytorch import Callback
 from torch.utils.data import DataLoader, Dataset
 
+from anomalib_fcdd import FcddHsc
 from anomalib_fcdd.data import ContinuousPassLoader, MVTec, PassBatchSampler, make_synthetic_mvtec
 
 
@@ -98,3 +102,37 @@ def test_mvtec_trains_from_the_continuous_loader(tmp_path: Path) -> None:
     plain = MVTec(root=tmp_path, category="bottle", train_batch_size=2, num_workers=0, continuous_passes=False)
     plain.setup()
     assert isinstance(plain.train_dataloader(), DataLoader)
+
+
+class ChildProcesses(Callback):
+    """Records the live child processes at every training batch."""
+
+    def __init__(self) -> None:
+        self.per_batch: list[set[int]] = []
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self.per_batch.append({child.pid for child in multiprocessing.active_children()})
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_engine_keeps_the_training_workers_and_stops_them_after_fit(
+    synthetic_root: Path, tmp_path: Path, continuous: bool
+) -> None:
+    datamodule = MVTec(
+        root=synthetic_root,
+        category="synthetic",
+        train_batch_size=8,
+        eval_batch_size=8,
+        num_workers=2,
+        continuous_passes=continuous,
+    )
+    model = FcddHsc(pre_trained=False, epochs=1, passes_per_epoch=3, precision="32-true", visualizer=False)
+    children = ChildProcesses()
+    engine = Engine(
+        default_root_dir=tmp_path, logger=False, accelerator="cpu", enable_progress_bar=False, callbacks=[children]
+    )
+    engine.fit(model, datamodule=datamodule)
+    assert len(children.per_batch) == 3 * 2  # 16 images, batch 8, 3 passes
+    workers = set().union(*children.per_batch)
+    assert len(workers) == (2 if continuous else 6)
+    assert not multiprocessing.active_children(), "training workers outlived fit"

@@ -65,6 +65,7 @@ class MVTec(MVTecAD):
         self.download = download
         self.validate = validate
         self.continuous_passes = continuous_passes
+        self._continuous_loaders: list[ContinuousPassLoader] = []
         self._validated = False
 
     def prepare_data(self) -> None:
@@ -94,13 +95,22 @@ class MVTec(MVTecAD):
 
     def _training_loader(self, dataset: Dataset) -> DataLoader | ContinuousPassLoader:
         loader_class = ContinuousPassLoader if self.continuous_passes else DataLoader
-        return loader_class(
+        loader = loader_class(
             dataset,
             batch_size=self.train_batch_size,
             shuffle=True,
             num_workers=self.num_workers,
             collate_fn=self.external_collate_fn or self.train_data.collate_fn,
         )
+        if isinstance(loader, ContinuousPassLoader):
+            self._continuous_loaders.append(loader)
+        return loader
+
+    def teardown(self, stage: str) -> None:
+        """After fitting, stop the training workers, which would otherwise idle through testing with their batches."""
+        super().teardown(stage)
+        while self._continuous_loaders:
+            self._continuous_loaders.pop().close()
 
 
 class MVTecFewAnomalies(MVTec):
