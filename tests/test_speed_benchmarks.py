@@ -1,11 +1,11 @@
-"""The paper-setting timing script runs end to end on a tiny synthetic stand-in and reports what it measured."""
+"""Speed benchmarks run end to end on tiny generated data and report what they measured."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from benchmarks import paper_timing
+from benchmarks import bench_loading, paper_timing
 
 
 def test_paper_timing_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -44,3 +44,17 @@ def test_paper_timing_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 def test_paper_timing_names_a_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert paper_timing.main(["--mvtec-root", str(tmp_path / "nowhere"), "--output", str(tmp_path / "t.md")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_loading_benchmark_times_both_loaders(synthetic_root: Path, tmp_path: Path) -> None:
+    output = tmp_path / "loading.md"
+    argv = ["--mvtec-root", str(synthetic_root), "--category", "synthetic", "--batch-size", "4", "--num-workers", "1"]
+    assert bench_loading.main([*argv, "--passes", "2", "--rounds", "1", "--output", str(output)]) == 0
+    text = output.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| DataLoader") or line.startswith("| Continuous")]
+    assert len(rows) == 2
+    for row in rows:
+        seconds, images_per_second = (float(cell) for cell in row.split("|")[2:4])
+        assert seconds > 0
+        assert images_per_second == pytest.approx(16 / seconds, rel=0.05)
+    assert "16 training images per pass" in text
