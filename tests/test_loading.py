@@ -136,3 +136,16 @@ def test_engine_keeps_the_training_workers_and_stops_them_after_fit(
     workers = set().union(*children.per_batch)
     assert len(workers) == (2 if continuous else 6)
     assert not multiprocessing.active_children(), "training workers outlived fit"
+
+
+def test_asking_for_a_new_training_loader_stops_the_old_workers(synthetic_root: Path) -> None:
+    datamodule = MVTec(root=synthetic_root, category="synthetic", train_batch_size=8, num_workers=2)
+    datamodule.setup()
+    first = datamodule.train_dataloader()
+    assert sum(len(batch.image) for batch in first) == 16
+    assert len(multiprocessing.active_children()) == 2
+    second = datamodule.train_dataloader()  # e.g. reload_dataloaders_every_n_epochs
+    assert not multiprocessing.active_children()
+    assert sum(len(batch.image) for batch in second) == 16
+    datamodule.teardown("fit")
+    assert not multiprocessing.active_children()

@@ -94,6 +94,9 @@ class MVTec(MVTecAD):
         return self._training_loader(self.train_data)
 
     def _training_loader(self, dataset: Dataset) -> DataLoader | ContinuousPassLoader:
+        # One training loader at a time: a trainer that asks again (reload_dataloaders_every_n_epochs) drops the old
+        # one, whose workers would otherwise live on here until teardown.
+        self._close_training_loaders()
         loader_class = ContinuousPassLoader if self.continuous_passes else DataLoader
         loader = loader_class(
             dataset,
@@ -109,6 +112,9 @@ class MVTec(MVTecAD):
     def teardown(self, stage: str) -> None:
         """After fitting, stop the training workers, which would otherwise idle through testing with their batches."""
         super().teardown(stage)
+        self._close_training_loaders()
+
+    def _close_training_loaders(self) -> None:
         while self._continuous_loaders:
             self._continuous_loaders.pop().close()
 
