@@ -149,3 +149,59 @@ def test_asking_for_a_new_training_loader_stops_the_old_workers(synthetic_root: 
     assert sum(len(batch.image) for batch in second) == 16
     datamodule.teardown("fit")
     assert not multiprocessing.active_children()
+
+
+def test_validation_batches_match_anomalib_loader_every_time(synthetic_root: Path) -> None:
+    kwargs = {"root": synthetic_root, "category": "synthetic", "eval_batch_size": 3, "num_workers": 2}
+    continuous, plain = MVTec(**kwargs), MVTec(**kwargs, continuous_passes=False)
+    continuous.setup()
+    plain.setup()
+    loader = continuous.val_dataloader()
+    assert isinstance(loader, ContinuousPassLoader)
+    assert loader.num_workers == 2  # 8 images in batches of 3: three batches, so both workers decode
+    expected = list(plain.val_dataloader())
+    for _ in range(2):  # two validations from the same workers
+        batches = list(loader)
+        assert [batch.image_path for batch in batches] == [batch.image_path for batch in expected]
+        for got, want in zip(batches, expected, strict=True):
+            assert torch.equal(got.image, want.image)
+            assert torch.equal(got.gt_mask, want.gt_mask)
+    continuous.teardown("fit")
+    assert not multiprocessing.active_children()
+
+
+class ValidationChildren(Callback):
+    """Records the live child processes at every validation batch."""
+
+    def __init__(self) -> None:
+        self.per_batch: list[set[int]] = []
+
+    def on_validation_batch_start(self, *args: object) -> None:
+        self.per_batch.append({child.pid for child in multiprocessing.active_children()})
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_validation_workers_survive_between_validations(synthetic_root: Path, tmp_path: Path, continuous: bool) -> None:
+    """Two validations (one per paper epoch): the same workers serve both when continuous, fresh ones otherwise."""
+    datamodule = MVTec(
+        root=synthetic_root,
+        category="synthetic",
+        train_batch_size=8,
+        eval_batch_size=8,
+        num_workers=2,
+        continuous_passes=continuous,
+    )
+    model = FcddHsc(pre_trained=False, epochs=2, passes_per_epoch=1, precision="32-true", visualizer=False)
+    children = ValidationChildren()
+    engine = Engine(
+        default_root_dir=tmp_path, logger=False, accelerator="cpu", enable_progress_bar=False, callbacks=[children]
+    )
+    engine.fit(model, datamodule=datamodule)
+    assert len(children.per_batch) == 2  # 8 validation images in one batch, two validations
+    first, second = children.per_batch
+    if continuous:  # the same two training workers and one validation worker (one batch per pass) both times
+        assert first == second
+        assert len(first) == 3
+    else:  # every worker forked anew
+        assert first.isdisjoint(second)
+    assert not multiprocessing.active_children()

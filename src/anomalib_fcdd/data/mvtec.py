@@ -36,9 +36,10 @@ class MVTec(MVTecAD):
         download: fetch MVTec-AD when ``root/category`` is missing (needs internet). Off by default, so a wrong path
             is reported instead of starting a 5 GB download.
         validate: check the layout, images and masks before training (a few seconds per category).
-        continuous_passes: serve training batches from a :class:`~.loading.ContinuousPassLoader`, whose workers
-            prefetch the next pass while the current one trains; every epoch is still exactly one shuffled pass.
-            ``False`` gives anomalib's plain ``DataLoader`` (restarted every epoch).
+        continuous_passes: serve training and validation batches from :class:`~.loading.ContinuousPassLoader` s,
+            whose workers prefetch the next pass while the current one trains (and the next validation during
+            training); every epoch is still exactly one shuffled pass, and validation sees anomalib's order.
+            ``False`` gives anomalib's plain ``DataLoader`` s (restarted every epoch).
         **kwargs: everything ``anomalib.data.MVTecAD`` accepts.
     """
 
@@ -65,7 +66,7 @@ class MVTec(MVTecAD):
         self.download = download
         self.validate = validate
         self.continuous_passes = continuous_passes
-        self._continuous_loaders: list[ContinuousPassLoader] = []
+        self._continuous_loaders: dict[str, ContinuousPassLoader] = {}
         self._validated = False
 
     def prepare_data(self) -> None:
@@ -93,30 +94,56 @@ class MVTec(MVTecAD):
         """Shuffled passes over the normal training images (see ``continuous_passes``)."""
         return self._training_loader(self.train_data)
 
+    def val_dataloader(self) -> DataLoader | ContinuousPassLoader:
+        """The validation images in anomalib's order; with ``continuous_passes`` decoded ahead, during training."""
+        if not self.continuous_passes:
+            return super().val_dataloader()
+        return self._continuous_loader("val", self.val_data, self.eval_batch_size, shuffle=False)
+
     def _training_loader(self, dataset: Dataset) -> DataLoader | ContinuousPassLoader:
-        # One training loader at a time: a trainer that asks again (reload_dataloaders_every_n_epochs) drops the old
-        # one, whose workers would otherwise live on here until teardown.
-        self._close_training_loaders()
-        loader_class = ContinuousPassLoader if self.continuous_passes else DataLoader
-        loader = loader_class(
+        if not self.continuous_passes:
+            return DataLoader(
+                dataset,
+                batch_size=self.train_batch_size,
+                shuffle=True,
+                num_workers=self.num_workers,
+                collate_fn=self.external_collate_fn or self.train_data.collate_fn,
+            )
+        return self._continuous_loader("train", dataset, self.train_batch_size, shuffle=True)
+
+    def _continuous_loader(self, role: str, dataset: Dataset, batch_size: int, shuffle: bool) -> ContinuousPassLoader:
+        """A :class:`ContinuousPassLoader` for ``role``, replacing (and stopping) the one handed out before.
+
+        One loader per role at a time: a trainer that asks again (``reload_dataloaders_every_n_epochs``) drops the old
+        one, whose workers would otherwise live on here until teardown. Each worker holds one batch ahead
+        (``prefetch_factor=1``), so at most ``num_workers`` batches are in flight; the validation loader gets no more
+        workers than a pass has batches, so it decodes at most one validation ahead.
+        """
+        self._close_loaders(role)
+        workers = self.num_workers
+        if role == "val":
+            workers = min(workers, -(-len(dataset) // batch_size))  # type: ignore[arg-type]
+        loader = ContinuousPassLoader(
             dataset,
-            batch_size=self.train_batch_size,
-            shuffle=True,
-            num_workers=self.num_workers,
-            collate_fn=self.external_collate_fn or self.train_data.collate_fn,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            collate_fn=self.external_collate_fn or getattr(dataset, "collate_fn", self.train_data.collate_fn),
+            **({"prefetch_factor": 1} if workers > 0 else {}),
         )
-        if isinstance(loader, ContinuousPassLoader):
-            self._continuous_loaders.append(loader)
+        self._continuous_loaders[role] = loader
         return loader
 
     def teardown(self, stage: str) -> None:
-        """After fitting, stop the training workers, which would otherwise idle through testing with their batches."""
+        """After fitting, stop the loaders' workers, which would otherwise idle through testing with their batches."""
         super().teardown(stage)
-        self._close_training_loaders()
+        for role in list(self._continuous_loaders):
+            self._close_loaders(role)
 
-    def _close_training_loaders(self) -> None:
-        while self._continuous_loaders:
-            self._continuous_loaders.pop().close()
+    def _close_loaders(self, role: str) -> None:
+        loader = self._continuous_loaders.pop(role, None)
+        if loader is not None:
+            loader.close()
 
 
 class MVTecFewAnomalies(MVTec):
