@@ -45,8 +45,10 @@ def test_each_pass_is_a_fresh_permutation_in_reference_batches() -> None:
 
 
 def test_unshuffled_and_drop_last_passes() -> None:
+    rng_state = torch.get_rng_state()
     stream = iter(PassBatchSampler(10, 4, shuffle=False, drop_last=True))
     assert [next(stream) for _ in range(4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3], [4, 5, 6, 7]]
+    assert torch.equal(torch.get_rng_state(), rng_state), "an unshuffled stream must not draw from the global RNG"
     assert len(PassBatchSampler(10, 4, drop_last=True)) == 2
     assert len(PassBatchSampler(10, 4)) == 3
 

@@ -57,11 +57,13 @@ class PassBatchSampler(Sampler[list[int]]):
         return self.batches_per_pass
 
     def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator()
-        generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+        generator = None
+        if self.shuffle:  # an unshuffled stream leaves the global RNG alone
+            generator = torch.Generator()
+            generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
         stop = self.batches_per_pass * self.batch_size
         while True:
-            if self.shuffle:
+            if generator is not None:
                 order = torch.randperm(self.dataset_size, generator=generator)
             else:
                 order = torch.arange(self.dataset_size)
