@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.mvtec_root / args.category / "train" / "good").is_dir():
         print(f"No MVTec-AD category at {args.mvtec_root / args.category}; pass --mvtec-root.", file=sys.stderr)
         return 2
-    from benchmarks.bench_training import machine
+    from benchmarks.bench_training import append_section, machine
 
     times: dict[str, list[float]] = {name: [] for name in LOADERS}
     for _ in range(args.rounds):
@@ -107,10 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     plain, continuous = medians.values()
     lines += ["", f"ContinuousPassLoader delivers {plain / continuous:.2f}x the images per second.", ""]
     text = "\n".join(lines)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    header = "# Training-data throughput\n\n" if not args.output.exists() else ""
-    with args.output.open("a") as handle:
-        handle.write(header + text + "\n")
+    append_section(args.output, "Training-data throughput", text)
     print(text)
     return 0
 

@@ -66,6 +66,14 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores ({bf16}), torch {torch.__version__}{gpu}"
 
 
+def append_section(path: Path, title: str, section: str) -> None:
+    """Append one run's Markdown ``section`` to the results file ``path``, starting it with ``# title`` if new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = "" if path.exists() else f"# {title}\n\n"
+    with path.open("a") as handle:
+        handle.write(header + section.rstrip("\n") + "\n\n")
+
+
 def build(variant: Variant) -> FcddHsc:
     """A FcddHsc with fixed min-max constants, so no data pass is needed."""
     torch.manual_seed(0)

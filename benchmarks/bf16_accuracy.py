@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.mvtec_root / args.category / "train" / "good").is_dir():
         print(f"No MVTec-AD category at {args.mvtec_root / args.category}; pass --mvtec-root.", file=sys.stderr)
         return 2
-    from benchmarks.bench_training import machine
+    from benchmarks.bench_training import append_section, machine
 
     with tempfile.TemporaryDirectory(prefix="fcdd_bf16_") as scratch:
         runs = {precision: train_and_test(args, precision, Path(scratch)) for precision in PRECISIONS}
@@ -100,10 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     text = "\n".join(lines)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    header = "# bf16 vs fp32 training accuracy\n\n" if not args.output.exists() else ""
-    with args.output.open("a") as handle:
-        handle.write(header + text + "\n")
+    append_section(args.output, "bf16 vs fp32 training accuracy", text)
     print(text)
     return 0
 

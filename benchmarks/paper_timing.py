@@ -204,11 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         figures = run(args, data_root, Path(scratch) / "work")
     text = report(args, figures, argv)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    if not args.output.exists():
-        args.output.write_text("# FCDD training time at the paper's settings\n\n")
-    with args.output.open("a") as handle:
-        handle.write(text + "\n")
+    from benchmarks.bench_training import append_section
+
+    append_section(args.output, "FCDD training time at the paper's settings", text)
     print(text)
     return 0
 

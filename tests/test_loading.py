@@ -107,35 +107,45 @@ def test_mvtec_trains_from_the_continuous_loader(tmp_path: Path) -> None:
 
 
 class ChildProcesses(Callback):
-    """Records the live child processes at every training batch."""
+    """Records the live child processes at every training and every validation batch."""
 
     def __init__(self) -> None:
-        self.per_batch: list[set[int]] = []
+        self.training: list[set[int]] = []
+        self.validation: list[set[int]] = []
 
     def on_train_batch_start(self, *args: object) -> None:
-        self.per_batch.append({child.pid for child in multiprocessing.active_children()})
+        self.training.append({child.pid for child in multiprocessing.active_children()})
+
+    def on_validation_batch_start(self, *args: object) -> None:
+        self.validation.append({child.pid for child in multiprocessing.active_children()})
 
 
-@pytest.mark.parametrize("continuous", [True, False])
-def test_engine_keeps_the_training_workers_and_stops_them_after_fit(
-    synthetic_root: Path, tmp_path: Path, continuous: bool
-) -> None:
+def fit_and_watch_workers(root: Path, work: Path, continuous: bool, epochs: int, passes: int) -> ChildProcesses:
+    """Fit FCDD through Engine on the 16-image synthetic set (batch 8, 2 workers); returns what the callback saw."""
     datamodule = MVTec(
-        root=synthetic_root,
+        root=root,
         category="synthetic",
         train_batch_size=8,
         eval_batch_size=8,
         num_workers=2,
         continuous_passes=continuous,
     )
-    model = FcddHsc(pre_trained=False, epochs=1, passes_per_epoch=3, precision="32-true", visualizer=False)
+    model = FcddHsc(pre_trained=False, epochs=epochs, passes_per_epoch=passes, precision="32-true", visualizer=False)
     children = ChildProcesses()
     engine = Engine(
-        default_root_dir=tmp_path, logger=False, accelerator="cpu", enable_progress_bar=False, callbacks=[children]
+        default_root_dir=work, logger=False, accelerator="cpu", enable_progress_bar=False, callbacks=[children]
     )
     engine.fit(model, datamodule=datamodule)
-    assert len(children.per_batch) == 3 * 2  # 16 images, batch 8, 3 passes
-    workers = set().union(*children.per_batch)
+    return children
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_engine_keeps_the_training_workers_and_stops_them_after_fit(
+    synthetic_root: Path, tmp_path: Path, continuous: bool
+) -> None:
+    children = fit_and_watch_workers(synthetic_root, tmp_path, continuous, epochs=1, passes=3)
+    assert len(children.training) == 3 * 2  # 16 images, batch 8, 3 passes
+    workers = set().union(*children.training)
     assert len(workers) == (2 if continuous else 6)
     assert not multiprocessing.active_children(), "training workers outlived fit"
 
@@ -172,35 +182,12 @@ def test_validation_batches_match_anomalib_loader_every_time(synthetic_root: Pat
     assert not multiprocessing.active_children()
 
 
-class ValidationChildren(Callback):
-    """Records the live child processes at every validation batch."""
-
-    def __init__(self) -> None:
-        self.per_batch: list[set[int]] = []
-
-    def on_validation_batch_start(self, *args: object) -> None:
-        self.per_batch.append({child.pid for child in multiprocessing.active_children()})
-
-
 @pytest.mark.parametrize("continuous", [True, False])
 def test_validation_workers_survive_between_validations(synthetic_root: Path, tmp_path: Path, continuous: bool) -> None:
     """Two validations (one per paper epoch): the same workers serve both when continuous, fresh ones otherwise."""
-    datamodule = MVTec(
-        root=synthetic_root,
-        category="synthetic",
-        train_batch_size=8,
-        eval_batch_size=8,
-        num_workers=2,
-        continuous_passes=continuous,
-    )
-    model = FcddHsc(pre_trained=False, epochs=2, passes_per_epoch=1, precision="32-true", visualizer=False)
-    children = ValidationChildren()
-    engine = Engine(
-        default_root_dir=tmp_path, logger=False, accelerator="cpu", enable_progress_bar=False, callbacks=[children]
-    )
-    engine.fit(model, datamodule=datamodule)
-    assert len(children.per_batch) == 2  # 8 validation images in one batch, two validations
-    first, second = children.per_batch
+    children = fit_and_watch_workers(synthetic_root, tmp_path, continuous, epochs=2, passes=1)
+    assert len(children.validation) == 2  # 8 validation images in one batch, two validations
+    first, second = children.validation
     if continuous:  # the same two training workers and one validation worker (one batch per pass) both times
         assert first == second
         assert len(first) == 3
