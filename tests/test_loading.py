@@ -194,3 +194,12 @@ def test_validation_workers_survive_between_validations(synthetic_root: Path, tm
     else:  # every worker forked anew
         assert first.isdisjoint(second)
     assert not multiprocessing.active_children()
+
+
+def test_an_empty_validation_set_falls_back_to_anomalib_loader(synthetic_root: Path) -> None:
+    datamodule = MVTec(root=synthetic_root, category="synthetic", eval_batch_size=4, num_workers=0)
+    datamodule.setup()
+    datamodule.val_data.samples = datamodule.val_data.samples.iloc[:0]
+    loader = datamodule.val_dataloader()
+    assert isinstance(loader, DataLoader)
+    assert list(loader) == []

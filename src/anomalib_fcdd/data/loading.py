@@ -32,7 +32,7 @@ class PassBatchSampler(Sampler[list[int]]):
 
     def __init__(self, dataset_size: int, batch_size: int, shuffle: bool = True, drop_last: bool = False) -> None:
         if dataset_size < 1:
-            raise ValueError("The training set is empty; there is nothing to train on.")
+            raise ValueError("The dataset is empty (0 images): there is nothing to load. Check the data folder.")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
         if drop_last and dataset_size < batch_size:

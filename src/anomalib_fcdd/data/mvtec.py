@@ -96,7 +96,7 @@ class MVTec(MVTecAD):
 
     def val_dataloader(self) -> DataLoader | ContinuousPassLoader:
         """The validation images in anomalib's order; with ``continuous_passes`` decoded ahead, during training."""
-        if not self.continuous_passes:
+        if not self.continuous_passes or len(self.val_data) == 0:
             return super().val_dataloader()
         return self._continuous_loader("val", self.val_data, self.eval_batch_size, shuffle=False)
 
