@@ -60,19 +60,21 @@ def training_datamodule(args: argparse.Namespace, continuous: bool) -> Any:
     return datamodule
 
 
-def seconds_per_pass(args: argparse.Namespace, continuous: bool) -> list[float]:
-    """Wall time of each of ``args.passes`` passes from a fresh loader (the first one includes starting the workers)."""
+def seconds_per_pass(args: argparse.Namespace, continuous: bool) -> tuple[list[float], int]:
+    """Wall time of each of ``args.passes`` passes from a fresh loader (the first one includes starting the workers),
+    and the number of images per pass."""
     datamodule = training_datamodule(args, continuous)
     loader = datamodule.train_dataloader()
+    expected = len(datamodule.train_data)
     times = []
     for _ in range(args.passes):
         started = time.perf_counter()
         images = sum(len(batch.image) for batch in loader)
         times.append(time.perf_counter() - started)
-        if images != len(datamodule.train_data):
-            raise RuntimeError(f"a pass gave {images} images, expected {len(datamodule.train_data)}")
+        if images != expected:
+            raise RuntimeError(f"a pass gave {images} images, expected {expected}")
     datamodule.teardown("fit")
-    return times
+    return times, expected
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.bench_training import append_section, machine
 
     times: dict[str, list[float]] = {name: [] for name in LOADERS}
+    images = 0
     for _ in range(args.rounds):
         for name, continuous in LOADERS.items():
-            times[name] += seconds_per_pass(args, continuous)
-    images = len(training_datamodule(args, False).train_data)
+            pass_times, images = seconds_per_pass(args, continuous)
+            times[name] += pass_times
     command = " ".join(["python -m benchmarks.bench_loading", *(argv if argv is not None else sys.argv[1:])])
     lines = [
         f"## {args.category}, batch {args.batch_size}, {args.num_workers} workers",

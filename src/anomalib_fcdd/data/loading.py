@@ -67,7 +67,7 @@ class PassBatchSampler(Sampler[list[int]]):
                 order = torch.randperm(self.dataset_size, generator=generator)
             else:
                 order = torch.arange(self.dataset_size)
-            for start in range(0, min(stop, self.dataset_size), self.batch_size):
+            for start in range(0, stop, self.batch_size):
                 yield order[start : start + self.batch_size].tolist()
 
 
