@@ -31,7 +31,7 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Resize
 from .anomaly_generator import ConfettiAnomalyGenerator
 from .augmentation import FcddAugmentation
 from .loss import FcddLoss
-from .performance import resolve_precision
+from .performance import HOST_MEMORY_REUSE, resolve_precision
 from .preprocessing import MVTEC_MINMAX, MinMaxAccumulator, nearest_resize
 from .torch_model import FcddModel
 
@@ -132,6 +132,19 @@ class _FcddLogic:
     # ----------------------------------------------------------------------------------------------------------------
     # Lightning hooks
     # ----------------------------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Keep freed host memory for the run (``reuse_host_memory``); held once however often ``setup`` is called."""
+        super().setup(stage)  # type: ignore[misc]
+        if self._fcdd.get("reuse_host_memory", True) and not getattr(self, "_holds_host_memory", False):
+            self._holds_host_memory = HOST_MEMORY_REUSE.acquire()
+
+    def teardown(self, stage: str) -> None:
+        """Hand the kept host memory back (the last holder in the process restores glibc's defaults)."""
+        if getattr(self, "_holds_host_memory", False):
+            HOST_MEMORY_REUSE.release()
+            self._holds_host_memory = False
+        super().teardown(stage)  # type: ignore[misc]
+
     def on_train_start(self) -> None:
         """Pick the anomaly source and make sure the min-max constants exist (shipped MVTec ones or computed)."""
         self.model.require_weights()  # pretrained weights that could not be fetched (and no checkpoint resumed)
@@ -293,6 +306,9 @@ class FcddHsc(_FcddLogic, AnomalibModule):
         precision: Lightning precision; ``auto`` = ``bf16-mixed`` where bf16 is native (AMX/AVX512-BF16 CPUs, CUDA
             GPUs with bf16), else ``32-true``.
         channels_last: NHWC memory layout for weights and activations.
+        reuse_host_memory: from ``setup`` to ``teardown`` of each fit/validate/test/predict, keep freed host memory
+            in the process instead of returning it to the system (glibc only; see
+            :class:`~.performance.HostMemoryReuse`), so that CPU steps do not page-fault their activations in anew.
     """
 
     def __init__(
@@ -318,6 +334,7 @@ class FcddHsc(_FcddLogic, AnomalibModule):
         frozen_bn_train_mode: bool = True,
         precision: str = "auto",
         channels_last: bool = True,
+        reuse_host_memory: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: Any = True,
         evaluator: Evaluator | bool = True,
@@ -362,6 +379,7 @@ class Fcdd(_FcddLogic, AnomalibModule):
         frozen_bn_train_mode: bool = True,
         precision: str = "auto",
         channels_last: bool = True,
+        reuse_host_memory: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: Any = True,
         evaluator: Evaluator | bool = True,
