@@ -1,18 +1,20 @@
 """Training and inference speed of FCDD, and peak host memory of a full-category training, measured side by side.
 
-Variants, all on the same network (VGG-11-BN cut, 224 x 224), batch and machine, interleaved round by round so that
-machine noise hits them alike:
+Variants, all on the same network (VGG-11-BN cut, 224 x 224), batch and machine, each in a process of its own and
+interleaved step by step, round by round, so that machine noise hits them alike:
 
 * ``reference-like``: fp32, NCHW, eager, the 62 x 62 upsampling kernel applied in one 2-D transposed convolution,
   BatchNorm layers run as such at inference -- the reference's kind of step;
 * ``default``: this package's default (``precision="auto"``: bf16 autocast where the hardware has native bf16, else
   fp32; channels-last memory layout; the upsampling kernel applied as two 1-D passes; BatchNorm folded into the
-  convolutions at inference);
+  convolutions at inference; freed host memory kept in the process, ``reuse_host_memory``);
+* ``default without host memory reuse``: the same with glibc's default allocator behaviour, to show that part alone;
 * ``bf16 forced``: bf16 autocast even where it is emulated, to show what ``auto`` avoids.
 
 A training step is the package's full step: confetti synthesis and augmentation on the batch, forward, loss, backward,
-SGD update. The memory figure comes from a child process that trains one epoch on a real MVTec-AD category through
-anomalib's Engine (image decoding in DataLoader workers) and reports its peak RSS.
+SGD update. The memory figures come from child processes that train one epoch on a real MVTec-AD category through
+anomalib's Engine (image decoding in DataLoader workers), once with host memory reuse and once without, and report
+their fit time and peak RSS.
 
     python -m benchmarks.bench_training [--batch 16] [--rounds 3] [--mvtec-root DIR] [--category bottle]
 """
@@ -20,19 +22,22 @@ anomalib's Engine (image decoding in DataLoader workers) and reports its peak RS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import multiprocessing
 import os
 import platform
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
 
 from anomalib_fcdd import FcddHsc
-from anomalib_fcdd.models.fcdd.performance import native_bf16_cpu_flags, resolve_precision
+from anomalib_fcdd.models.fcdd.performance import native_bf16_cpu_flags, resolve_precision, reused_host_memory
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "training.md"
@@ -48,6 +53,7 @@ class Variant:
     channels_last: bool
     separable_upsampling: bool = True
     fold_batchnorm: bool = True
+    reuse_host_memory: bool = True
 
 
 def machine() -> str:
@@ -120,33 +126,61 @@ def inference_macs_per_image(size: int = 224) -> float:
     return float(total)
 
 
-def measure(variants: list[Variant], batch: int, rounds: int) -> dict[str, dict[str, float]]:
-    """Images/s for training and inference per variant (best of ``rounds`` interleaved rounds)."""
+def _variant_process(variant: Variant, batch: int, connection: Connection) -> None:
+    """One variant in a process of its own, timing a step whenever the parent asks (``train`` / ``infer`` / ``stop``).
+
+    A process per variant keeps process-wide state apart: glibc's allocator settings (``reuse_host_memory``) and the
+    heap they leave behind would otherwise carry over from one variant's steps to the next one's.
+    """
     generator = torch.Generator().manual_seed(0)
     train_images = torch.rand(batch, 3, 240, 240, generator=generator)
     test_images = torch.rand(batch, 3, 224, 224, generator=generator)
-    models = {v.name: build(v) for v in variants}
-    optimizers = {
-        name: torch.optim.SGD([p for p in m.model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-        for name, m in models.items()
-    }
-    best: dict[str, dict[str, float]] = {v.name: {"train": 0.0, "infer": 0.0} for v in variants}
-    for variant in variants:  # warm-up (oneDNN primitive creation)
-        train_step(models[variant.name], optimizers[variant.name], train_images, variant.bf16)
-    for _ in range(rounds):
-        for variant in variants:
+    model = build(variant)
+    optimizer = torch.optim.SGD([p for p in model.model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    with reused_host_memory() if variant.reuse_host_memory else contextlib.nullcontext():
+        train_step(model, optimizer, train_images, variant.bf16)  # warm-up (oneDNN primitive creation)
+        connection.send("ready")
+        while (command := connection.recv()) != "stop":
+            if command == "infer" and model.model.training:
+                model.model.eval()
+                infer(model, test_images, variant.bf16)  # warm-up
             start = time.perf_counter()
-            train_step(models[variant.name], optimizers[variant.name], train_images, variant.bf16)
-            best[variant.name]["train"] = max(best[variant.name]["train"], batch / (time.perf_counter() - start))
-    for model in models.values():
-        model.model.eval()
+            if command == "train":
+                train_step(model, optimizer, train_images, variant.bf16)
+            else:
+                infer(model, test_images, variant.bf16)
+            connection.send(batch / (time.perf_counter() - start))
+
+
+def measure(variants: list[Variant], batch: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Images/s for training and inference per variant (best of ``rounds`` interleaved rounds).
+
+    Each variant lives in its own process; the parent lets them step one at a time, round by round, so that machine
+    noise hits them alike while nothing process-wide leaks between them.
+    """
+    context = multiprocessing.get_context("spawn")
+    workers = {}
     for variant in variants:
-        infer(models[variant.name], test_images, variant.bf16)
-    for _ in range(rounds):
-        for variant in variants:
-            start = time.perf_counter()
-            infer(models[variant.name], test_images, variant.bf16)
-            best[variant.name]["infer"] = max(best[variant.name]["infer"], batch / (time.perf_counter() - start))
+        parent_end, child_end = context.Pipe()
+        process = context.Process(target=_variant_process, args=(variant, batch, child_end), daemon=True)
+        process.start()
+        workers[variant.name] = (process, parent_end)
+    best: dict[str, dict[str, float]] = {v.name: {"train": 0.0, "infer": 0.0} for v in variants}
+    try:
+        for _, connection in workers.values():
+            connection.recv()  # "ready": built and warmed up
+        for kind in ("train", "infer"):
+            for _ in range(rounds):
+                for name, (_, connection) in workers.items():
+                    connection.send(kind)
+                    best[name][kind] = max(best[name][kind], connection.recv())
+        for _, connection in workers.values():
+            connection.send("stop")
+    finally:
+        for process, _ in workers.values():
+            process.join(timeout=60)
+            if process.is_alive():
+                process.terminate()
     return best
 
 
@@ -156,9 +190,9 @@ warnings.filterwarnings("ignore")
 from anomalib.engine import Engine
 from anomalib_fcdd import FcddHsc
 from anomalib_fcdd.data import MVTec
-root, category, out = sys.argv[1], sys.argv[2], sys.argv[3]
+root, category, out, reuse = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "reuse"
 datamodule = MVTec(root=root, category=category, train_batch_size=16, eval_batch_size=16, num_workers=2)
-model = FcddHsc(pre_trained=False, epochs=1, passes_per_epoch=1, visualizer=False)
+model = FcddHsc(pre_trained=False, epochs=1, passes_per_epoch=1, visualizer=False, reuse_host_memory=reuse)
 engine = Engine(default_root_dir=out, logger=False, accelerator="cpu", enable_progress_bar=False)
 start = time.perf_counter()
 engine.fit(model, datamodule=datamodule)
@@ -168,10 +202,10 @@ print("PEAK_CHILDREN_RSS_KB", resource.getrusage(resource.RUSAGE_CHILDREN).ru_ma
 """
 
 
-def full_category_memory(root: Path, category: str, workdir: Path) -> dict[str, float]:
-    """Peak RSS (GiB) of the training process and of its largest DataLoader worker for one pass over a category."""
+def full_category_memory(root: Path, category: str, workdir: Path, reuse: bool = True) -> dict[str, float]:
+    """Fit time and peak RSS (GiB) of the training process and its largest worker for one pass over a category."""
     result = subprocess.run(
-        [sys.executable, "-c", CHILD, str(root), category, str(workdir)],
+        [sys.executable, "-c", CHILD, str(root), category, str(workdir), "reuse" if reuse else "no-reuse"],
         capture_output=True,
         text=True,
         check=True,
@@ -208,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     auto = resolve_precision("auto", "cpu") == "bf16-mixed"
+    precision = "bf16" if auto else "fp32"
     variants = [
         Variant(
             "reference-like (fp32, NCHW, 2-D upsampling kernel, BN unfolded)",
@@ -215,8 +250,15 @@ def main(argv: list[str] | None = None) -> int:
             False,
             separable_upsampling=False,
             fold_batchnorm=False,
+            reuse_host_memory=False,
         ),
-        Variant(f"default ({'bf16' if auto else 'fp32'}, channels-last, BN folded at inference)", auto, True),
+        Variant(
+            f"default without host memory reuse ({precision}, channels-last, BN folded at inference)",
+            auto,
+            True,
+            reuse_host_memory=False,
+        ),
+        Variant(f"default ({precision}, channels-last, BN folded at inference, host memory reused)", auto, True),
     ]
     if not auto and args.include_emulated_bf16:
         variants.append(Variant("bf16 forced (emulated here), channels-last", bf16=True, channels_last=True))
@@ -243,13 +285,20 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"Convolutions of one 224 x 224 inference pass: {macs / 1e9:.2f} GMAC."]
     if not args.skip_memory and (args.mvtec_root / args.category).is_dir():
         workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "fcdd_bench_memory"
-        memory = full_category_memory(args.mvtec_root, args.category, workdir)
+        runs = {reuse: full_category_memory(args.mvtec_root, args.category, workdir, reuse) for reuse in (False, True)}
         lines += [
             "",
-            f"Full-category training ({args.category}, one pass, batch 16, 2 workers, through Engine): "
-            f"{memory['fit_seconds']:.0f} s, peak RSS {memory['main_gib']:.2f} GiB (main process), "
-            f"{memory['worker_gib']:.2f} GiB (largest worker).",
+            f"Full-category training ({args.category}, one pass and one validation, batch 16, 2 workers, through "
+            "Engine, the default against `reuse_host_memory=False`, one after the other):",
+            "",
+            "| host memory | fit s | peak RSS main (GiB) | peak RSS largest worker (GiB) |",
+            "|---|---|---|---|",
         ]
+        for reuse, memory in sorted(runs.items(), reverse=True):
+            lines.append(
+                f"| {'reused (default)' if reuse else 'returned (glibc default)'} | {memory['fit_seconds']:.1f} "
+                f"| {memory['main_gib']:.2f} | {memory['worker_gib']:.2f} |"
+            )
     text = "\n".join(lines) + "\n"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)

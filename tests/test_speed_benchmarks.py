@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from benchmarks import bench_loading, paper_timing
+from benchmarks import bench_loading, bench_training, paper_timing
 
 
 def test_paper_timing_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -58,3 +58,29 @@ def test_loading_benchmark_times_both_loaders(synthetic_root: Path, tmp_path: Pa
         assert seconds > 0
         assert images_per_second == pytest.approx(16 / seconds, rel=0.05)
     assert "16 training images per pass" in text
+
+
+def test_training_benchmark_times_every_variant(tmp_path: Path) -> None:
+    output = tmp_path / "training.md"
+    argv = ["--batch", "2", "--rounds", "1", "--skip-memory", "--no-readme", "--output", str(output)]
+    assert bench_training.main(argv) == 0
+    rows = [
+        line
+        for line in output.read_text().splitlines()
+        if line.startswith("| reference") or line.startswith("| default")
+    ]
+    assert [row.split("|")[1].split("(")[0].strip() for row in rows] == [
+        "reference-like",
+        "default without host memory reuse",
+        "default",
+    ]
+    figures = [[float(cell) for cell in row.split("|")[2:6]] for row in rows]
+    base_train, _, base_infer, _ = figures[0]
+    for train, train_ratio, infer, infer_ratio in figures:
+        assert train > 0 and infer > 0
+        assert train_ratio == pytest.approx(
+            train / base_train, rel=0.02, abs=0.01
+        )  # from figures rounded to 2 decimals
+        assert infer_ratio == pytest.approx(
+            infer / base_infer, rel=0.02, abs=0.01
+        )  # from figures rounded to 2 decimals
