@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -166,14 +167,25 @@ def measure(variants: list[Variant], batch: int, rounds: int) -> dict[str, dict[
         process.start()
         workers[variant.name] = (process, parent_end)
     best: dict[str, dict[str, float]] = {v.name: {"train": 0.0, "infer": 0.0} for v in variants}
+
+    def reply(name: str) -> Any:
+        process, connection = workers[name]
+        try:
+            return connection.recv()
+        except EOFError:
+            process.join(timeout=10)
+            raise RuntimeError(
+                f"the process timing {name!r} ended early (exit code {process.exitcode}); its error is printed above"
+            ) from None
+
     try:
-        for _, connection in workers.values():
-            connection.recv()  # "ready": built and warmed up
+        for name in workers:
+            reply(name)  # "ready": built and warmed up
         for kind in ("train", "infer"):
             for _ in range(rounds):
                 for name, (_, connection) in workers.items():
                     connection.send(kind)
-                    best[name][kind] = max(best[name][kind], connection.recv())
+                    best[name][kind] = max(best[name][kind], reply(name))
         for _, connection in workers.values():
             connection.send("stop")
     finally:

@@ -22,6 +22,7 @@ from torch import nn
 from .anomaly_map import ReceptiveFieldUpsampler
 from .backbones import build_backbone, derive_receptive_field
 from .batchnorm_folding import FoldedFeaturesCache
+from .frozen_batchnorm import inplace_batchnorm_indices, run_features
 from .preprocessing import InputNormalization
 from .weights import WeightsError
 
@@ -98,6 +99,7 @@ class FcddModel(nn.Module):
             for parameter in module.parameters():
                 parameter.requires_grad_(False)
             self._frozen_batchnorms += [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._inplace_batchnorms = inplace_batchnorm_indices(self.features, self._frozen_batchnorms)
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -137,7 +139,9 @@ class FcddModel(nn.Module):
         if self.channels_last and not torch.compiler.is_exporting():
             normalised = normalised.contiguous(memory_format=torch.channels_last)
         # The head may run in bf16 under autocast; the distance and everything after it are computed in fp32.
-        return pseudo_huber(self.head(self.inference_features()(normalised)).float())
+        features = self.inference_features()
+        inplace = getattr(self, "_inplace_batchnorms", frozenset()) if features is self.features else frozenset()
+        return pseudo_huber(self.head(run_features(features, normalised, inplace)).float())
 
     def inference_features(self) -> nn.Module:
         """The backbone to run now: its BN-folded copy when that is safe and asked for, else ``features`` itself.
