@@ -4,10 +4,11 @@ Variants, all on the same network (VGG-11-BN cut, 224 x 224), batch and machine,
 interleaved step by step, round by round, so that machine noise hits them alike:
 
 * ``reference-like``: fp32, NCHW, eager, the 62 x 62 upsampling kernel applied in one 2-D transposed convolution,
-  BatchNorm layers run as such at inference -- the reference's kind of step;
+  BatchNorm layers run as such (a fresh output each) -- the reference's kind of step;
 * ``default``: this package's default (``precision="auto"``: bf16 autocast where the hardware has native bf16, else
   fp32; channels-last memory layout; the upsampling kernel applied as two 1-D passes; BatchNorm folded into the
-  convolutions at inference; freed host memory kept in the process, ``reuse_host_memory``);
+  convolutions at inference and normalising into the frozen convolutions' outputs in training; freed host memory
+  kept in the process, ``reuse_host_memory``);
 * ``default without host memory reuse``: the same with glibc's default allocator behaviour, to show that part alone;
 * ``bf16 forced``: bf16 autocast even where it is emulated, to show what ``auto`` avoids.
 
@@ -54,6 +55,7 @@ class Variant:
     channels_last: bool
     separable_upsampling: bool = True
     fold_batchnorm: bool = True
+    inplace_frozen_batchnorm: bool = True
     reuse_host_memory: bool = True
 
 
@@ -87,6 +89,7 @@ def build(variant: Variant) -> FcddHsc:
     model = FcddHsc(pre_trained=False, minmax="bottle", channels_last=variant.channels_last, visualizer=False)
     model.model.upsampler.separable = variant.separable_upsampling
     model.model.fold_batchnorm = variant.fold_batchnorm
+    model.model.inplace_frozen_batchnorm = variant.inplace_frozen_batchnorm
     model.model.train()
     return model
 
@@ -262,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             False,
             separable_upsampling=False,
             fold_batchnorm=False,
+            inplace_frozen_batchnorm=False,
             reuse_host_memory=False,
         ),
         Variant(

@@ -101,7 +101,7 @@ def test_vgg_training_forward_is_unchanged_and_saves_the_first_block_activation(
     model = FcddModel(backbone="vgg11_bn", pre_trained=False, channels_last=True).train()
     assert model._inplace_batchnorms == {1, 5, 9, 12}, "the frozen VGG BatchNorms (the first 15 modules)"
     plain = copy.deepcopy(model)
-    plain._inplace_batchnorms = frozenset()
+    plain.inplace_frozen_batchnorm = False
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     storage: dict[str, int] = {}
     model.features[0].register_forward_hook(lambda m, i, out: storage.update(conv=out.data_ptr()))
