@@ -269,12 +269,17 @@ def main(argv: list[str] | None = None) -> int:
             reuse_host_memory=False,
         ),
         Variant(
-            f"default without host memory reuse ({precision}, channels-last, BN folded at inference)",
+            f"default without host memory reuse ({precision}, channels-last, frozen BN in place, BN folded at "
+            "inference)",
             auto,
             True,
             reuse_host_memory=False,
         ),
-        Variant(f"default ({precision}, channels-last, BN folded at inference, host memory reused)", auto, True),
+        Variant(
+            f"default ({precision}, channels-last, frozen BN in place, BN folded at inference, host memory reused)",
+            auto,
+            True,
+        ),
     ]
     if not auto and args.include_emulated_bf16:
         variants.append(Variant("bf16 forced (emulated here), channels-last", bf16=True, channels_last=True))
