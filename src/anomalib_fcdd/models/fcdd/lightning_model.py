@@ -24,6 +24,7 @@ from anomalib.data import Batch
 from anomalib.metrics import AUPR, AUPRO, AUROC, Evaluator, F1Score
 from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torchvision.transforms.v2 import Compose, InterpolationMode, Resize
@@ -104,6 +105,35 @@ def _same_resize(first: Any, second: Any) -> bool:
     return isinstance(first, Resize) and isinstance(second, Resize) and first.size == second.size
 
 
+class HostMemoryHolder(Callback):
+    """Holds :data:`~.performance.HOST_MEMORY_REUSE` from ``setup`` to ``teardown`` of a fit, validate, test or predict.
+
+    A callback rather than the module's own hooks because Lightning skips ``teardown`` when a run fails, and only
+    callbacks hear ``on_exception``: a failed run hands the memory back too.
+    """
+
+    def __init__(self) -> None:
+        self.held = False
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        del trainer, pl_module, stage
+        if not self.held:
+            self.held = HOST_MEMORY_REUSE.acquire()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        del trainer, pl_module, stage
+        self._release()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        del trainer, pl_module, exception
+        self._release()
+
+    def _release(self) -> None:
+        if self.held:
+            HOST_MEMORY_REUSE.release()
+            self.held = False
+
+
 class _FcddLogic:
     """Shared implementation of the FCDD Lightning modules (a plain mixin, so both classes subclass AnomalibModule)."""
 
@@ -132,18 +162,12 @@ class _FcddLogic:
     # ----------------------------------------------------------------------------------------------------------------
     # Lightning hooks
     # ----------------------------------------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        """Keep freed host memory for the run (``reuse_host_memory``); held once however often ``setup`` is called."""
-        super().setup(stage)  # type: ignore[misc]
-        if self._fcdd.get("reuse_host_memory", True) and not getattr(self, "_holds_host_memory", False):
-            self._holds_host_memory = HOST_MEMORY_REUSE.acquire()
-
-    def teardown(self, stage: str) -> None:
-        """Hand the kept host memory back (the last holder in the process restores glibc's defaults)."""
-        if getattr(self, "_holds_host_memory", False):
-            HOST_MEMORY_REUSE.release()
-            self._holds_host_memory = False
-        super().teardown(stage)  # type: ignore[misc]
+    def configure_callbacks(self) -> list[Callback]:
+        """anomalib's component callbacks, plus the holder of host memory reuse (``reuse_host_memory``)."""
+        callbacks = list(super().configure_callbacks())  # type: ignore[misc]
+        if self._fcdd.get("reuse_host_memory", True):
+            callbacks.append(HostMemoryHolder())
+        return callbacks
 
     def on_train_start(self) -> None:
         """Pick the anomaly source and make sure the min-max constants exist (shipped MVTec ones or computed)."""
