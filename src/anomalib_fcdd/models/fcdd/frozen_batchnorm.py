@@ -11,9 +11,9 @@ B x 64 x 224 x 224). On a CPU that is one activation less at peak host memory an
 per BatchNorm and step.
 
 Only where that is certainly safe: CPU tensors and BatchNorm weights that do not require grad (a layer unfrozen later
-runs as it is), in an ``nn.Sequential`` where the BatchNorm
-directly follows the convolution whose output it reads (VGG's layout), for exact ``nn.BatchNorm2d`` layers that
-track running statistics. Everything else runs the layers as they are.
+runs as it is), in an ``nn.Sequential`` where the BatchNorm directly follows the convolution whose output it reads
+(VGG's layout), for exact ``nn.BatchNorm2d`` layers that track running statistics. Everything else runs the layers as
+they are.
 """
 
 from __future__ import annotations

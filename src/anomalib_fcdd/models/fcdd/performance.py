@@ -83,10 +83,12 @@ class HostMemoryReuse:
 
     glibc serves every allocation above 32 MiB -- here, each activation of a training batch (16 x 64 x 224 x 224 bf16
     is 98 MiB) -- with a fresh ``mmap`` and unmaps it on ``free``. The kernel then zero-fills the new pages on first
-    touch, so every step pays about one page fault per 4 KiB of activations: a fifth of a CPU training step went to
-    that on this project's machine. With ``M_MMAP_MAX = 0`` the blocks come from the heap, and with a high
-    ``M_TRIM_THRESHOLD`` the heap keeps them, so the next step reuses the same pages. Peak memory stays that of one
-    step (the blocks are reused, not accumulated); :meth:`release` returns the heap to the system.
+    touch, so every step pays one page fault per 4 KiB of activations (0.45 GiB of them per batch-16 CPU training
+    step on this project's machine, where keeping them made training 8-12 % and inference 20 % faster). With
+    ``M_MMAP_MAX = 0`` the blocks come from the heap, and with a high ``M_TRIM_THRESHOLD`` the heap keeps them, so the
+    next step reuses the same pages. The blocks of one step are reused, not accumulated, so memory stays bounded; the
+    kept heap fragments somewhat at large CPU batches (batch 64: a 2.78 instead of 2.32 GiB peak).
+    :meth:`release` returns the heap to the system.
 
     Holders are counted, so nested or repeated runs in one process restore glibc's defaults only when the last one
     ends. Where the C library is not glibc, nothing changes and :meth:`acquire` returns ``False``.
@@ -141,7 +143,7 @@ class HostMemoryReuse:
         self._libc.malloc_trim(0)
 
 
-#: The process-wide instance that the FCDD Lightning modules hold from ``setup`` to ``teardown``.
+#: The process-wide instance; the FCDD Lightning modules' ``HostMemoryHolder`` callback holds it during a run.
 HOST_MEMORY_REUSE = HostMemoryReuse()
 
 
