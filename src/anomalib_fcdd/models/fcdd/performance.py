@@ -87,7 +87,7 @@ class HostMemoryReuse:
     step on this project's machine, where keeping them made training 8-12 % and inference 20 % faster). With
     ``M_MMAP_MAX = 0`` the blocks come from the heap, and with a high ``M_TRIM_THRESHOLD`` the heap keeps them, so the
     next step reuses the same pages. The blocks of one step are reused, not accumulated, so memory stays bounded; the
-    kept heap fragments somewhat at large CPU batches (batch 64: a 2.78 instead of 2.32 GiB peak).
+    kept heap fragments somewhat at large CPU batches (batch 64: a 2.78 instead of 2.38 GiB peak).
     :meth:`release` restores glibc's defaults and returns the free heap pages to the system (``malloc_trim``); the
     heap's address range stays, so later blocks that land in it are kept by the heap like any other small block.
 
