@@ -18,6 +18,7 @@ anomalib's Engine (image decoding in DataLoader workers), once with host memory 
 their fit time and peak RSS.
 
     python -m benchmarks.bench_training [--batch 16] [--rounds 3] [--mvtec-root DIR] [--category bottle]
+        [--memory-batches 16 128]
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Variant:
     separable_upsampling: bool = True
     fold_batchnorm: bool = True
     inplace_frozen_batchnorm: bool = True
+    indexless_max_pool: bool = True
     reuse_host_memory: bool = True
 
 
@@ -90,6 +92,7 @@ def build(variant: Variant) -> FcddHsc:
     model.model.upsampler.separable = variant.separable_upsampling
     model.model.fold_batchnorm = variant.fold_batchnorm
     model.model.inplace_frozen_batchnorm = variant.inplace_frozen_batchnorm
+    model.model.indexless_max_pool = variant.indexless_max_pool
     model.model.train()
     return model
 
@@ -205,8 +208,8 @@ warnings.filterwarnings("ignore")
 from anomalib.engine import Engine
 from anomalib_fcdd import FcddHsc
 from anomalib_fcdd.data import MVTec
-root, category, out, reuse = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "reuse"
-datamodule = MVTec(root=root, category=category, train_batch_size=16, eval_batch_size=16, num_workers=2)
+root, category, out, reuse, batch = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "reuse", int(sys.argv[5])
+datamodule = MVTec(root=root, category=category, train_batch_size=batch, eval_batch_size=min(batch, 32), num_workers=2)
 model = FcddHsc(pre_trained=False, epochs=1, passes_per_epoch=1, visualizer=False, reuse_host_memory=reuse)
 engine = Engine(default_root_dir=out, logger=False, accelerator="cpu", enable_progress_bar=False)
 start = time.perf_counter()
@@ -217,10 +220,13 @@ print("PEAK_CHILDREN_RSS_KB", resource.getrusage(resource.RUSAGE_CHILDREN).ru_ma
 """
 
 
-def full_category_memory(root: Path, category: str, workdir: Path, reuse: bool = True) -> dict[str, float]:
+def full_category_memory(
+    root: Path, category: str, workdir: Path, reuse: bool = True, batch: int = 16
+) -> dict[str, float]:
     """Fit time and peak RSS (GiB) of the training process and its largest worker for one pass over a category."""
+    mode = "reuse" if reuse else "no-reuse"
     result = subprocess.run(
-        [sys.executable, "-c", CHILD, str(root), category, str(workdir), "reuse" if reuse else "no-reuse"],
+        [sys.executable, "-c", CHILD, str(root), category, str(workdir), mode, str(batch)],
         capture_output=True,
         text=True,
         check=True,
@@ -248,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument(
+        "--memory-batches", type=int, nargs="+", default=[16, 128], help="training batch sizes of the memory runs"
+    )
+    parser.add_argument(
         "--include-emulated-bf16", action="store_true", help="also time bf16 where it is emulated (very slow)"
     )
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -266,17 +275,19 @@ def main(argv: list[str] | None = None) -> int:
             separable_upsampling=False,
             fold_batchnorm=False,
             inplace_frozen_batchnorm=False,
+            indexless_max_pool=False,
             reuse_host_memory=False,
         ),
         Variant(
-            f"default without host memory reuse ({precision}, channels-last, frozen BN in place, BN folded at "
-            "inference)",
+            f"default without host memory reuse ({precision}, channels-last, frozen BN in place, pools without "
+            "indices, BN folded at inference)",
             auto,
             True,
             reuse_host_memory=False,
         ),
         Variant(
-            f"default ({precision}, channels-last, frozen BN in place, BN folded at inference, host memory reused)",
+            f"default ({precision}, channels-last, frozen BN in place, pools without indices, BN folded at inference, "
+            "host memory reused)",
             auto,
             True,
         ),
@@ -306,20 +317,24 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"Convolutions of one 224 x 224 inference pass: {macs / 1e9:.2f} GMAC."]
     if not args.skip_memory and (args.mvtec_root / args.category).is_dir():
         workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "fcdd_bench_memory"
-        runs = {reuse: full_category_memory(args.mvtec_root, args.category, workdir, reuse) for reuse in (False, True)}
         lines += [
             "",
-            f"Full-category training ({args.category}, one pass and one validation, batch 16, 2 workers, through "
-            "Engine, the default against `reuse_host_memory=False`, one after the other):",
+            f"Full-category training ({args.category}, one pass and one validation, 2 workers, through Engine, the "
+            "default against `reuse_host_memory=False`, one after the other; batch 128 is the paper's, validation "
+            "batch 32 there; main + 2 workers is an upper bound of the whole, since RSS counts shared pages in each):",
             "",
-            "| host memory | fit s | peak RSS main (GiB) | peak RSS largest worker (GiB) |",
-            "|---|---|---|---|",
+            "| batch | host memory | fit s | peak RSS main (GiB) | peak RSS largest worker (GiB) | main + 2 workers "
+            "(GiB) |",
+            "|---|---|---|---|---|---|",
         ]
-        for reuse, memory in sorted(runs.items(), reverse=True):
-            lines.append(
-                f"| {'reused (default)' if reuse else 'returned (glibc default)'} | {memory['fit_seconds']:.1f} "
-                f"| {memory['main_gib']:.2f} | {memory['worker_gib']:.2f} |"
-            )
+        for batch in args.memory_batches:
+            for reuse in (True, False):
+                memory = full_category_memory(args.mvtec_root, args.category, workdir, reuse, batch)
+                lines.append(
+                    f"| {batch} | {'reused (default)' if reuse else 'returned (glibc default)'} "
+                    f"| {memory['fit_seconds']:.1f} | {memory['main_gib']:.2f} | {memory['worker_gib']:.2f} "
+                    f"| {memory['main_gib'] + 2 * memory['worker_gib']:.2f} |"
+                )
     text = "\n".join(lines) + "\n"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)

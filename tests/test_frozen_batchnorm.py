@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from anomalib_fcdd.models.fcdd.frozen_batchnorm import batchnorm_into_input, inplace_batchnorm_indices, run_features
+from anomalib_fcdd.models.fcdd import lean_features
+from anomalib_fcdd.models.fcdd.frozen_batchnorm import batchnorm_into_input, inplace_batchnorm_indices
+from anomalib_fcdd.models.fcdd.lean_features import run_features
 from anomalib_fcdd.models.fcdd.torch_model import FcddModel
 
 
@@ -96,19 +98,27 @@ def test_input_that_needs_gradients_runs_the_plain_layers() -> None:
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_vgg_training_forward_is_unchanged_and_saves_the_first_block_activation(bf16: bool) -> None:
+def test_vgg_training_forward_is_unchanged_and_saves_the_first_block_activation(
+    bf16: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     torch.manual_seed(0)
     model = FcddModel(backbone="vgg11_bn", pre_trained=False, channels_last=True).train()
     assert model._inplace_batchnorms == {1, 5, 9, 12}, "the frozen VGG BatchNorms (the first 15 modules)"
     plain = copy.deepcopy(model)
     plain.inplace_frozen_batchnorm = False
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    storage: dict[str, int] = {}
-    model.features[0].register_forward_hook(lambda m, i, out: storage.update(conv=out.data_ptr()))
-    model.features[2].register_forward_hook(lambda m, inputs, o: storage.update(relu_input=inputs[0].data_ptr()))
+    written_into_input: list[bool] = []
+
+    def spy(norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+        pointer = x.data_ptr()
+        out = batchnorm_into_input(norm, x)
+        written_into_input.append(out.data_ptr() == pointer)
+        return out
+
+    monkeypatch.setattr(lean_features, "batchnorm_into_input", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         expected, actual = plain(images), model(images)
-    assert storage["relu_input"] == storage["conv"], "BatchNorm wrote into the convolution's output"
+    assert written_into_input == [True] * 4, "each frozen BatchNorm wrote into the convolution's output"
     assert torch.equal(actual.low_res, expected.low_res)
     for mine, theirs in zip(model.features.modules(), plain.features.modules(), strict=True):
         if isinstance(mine, nn.BatchNorm2d):
@@ -121,3 +131,12 @@ def test_vgg_training_forward_is_unchanged_and_saves_the_first_block_activation(
         assert (mine.grad is None) == (theirs.grad is None)
         if mine.grad is not None:
             assert torch.equal(mine.grad, theirs.grad)
+
+
+def test_a_hook_that_keeps_the_convolution_output_sees_it_unchanged() -> None:
+    features = nn.Sequential(nn.Conv2d(3, 4, 3), random_batchnorm(4)).train().requires_grad_(False)
+    kept: list[torch.Tensor] = []
+    features[0].register_forward_hook(lambda module, inputs, output: kept.append(output))
+    output = run_features(features, torch.rand(2, 3, 8, 8), inplace_batchnorm_indices(features, [features[1]]))
+    assert kept[0].data_ptr() != output.data_ptr(), "a hooked layer's output is never overwritten"
+    torch.testing.assert_close(output, random_batchnorm(4).train()(kept[0]))

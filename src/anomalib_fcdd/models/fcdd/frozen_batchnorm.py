@@ -12,8 +12,8 @@ per BatchNorm and step.
 
 Only where that is certainly safe: CPU tensors and BatchNorm weights that do not require grad (a layer unfrozen later
 runs as it is), in an ``nn.Sequential`` where the BatchNorm directly follows the convolution whose output it reads
-(VGG's layout), for exact ``nn.BatchNorm2d`` layers that track running statistics. Everything else runs the layers as
-they are.
+(VGG's layout), for exact ``nn.BatchNorm2d`` layers that track running statistics, and with no hook on the way
+(:func:`.lean_features.run_features` decides). Everything else runs the layers as they are.
 """
 
 from __future__ import annotations
@@ -60,16 +60,4 @@ def batchnorm_into_input(norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
         save_mean=torch.empty(0, dtype=statistics),
         save_invstd=torch.empty(0, dtype=statistics),
     )
-    return x
-
-
-def run_features(features: nn.Module, x: torch.Tensor, inplace: frozenset[int]) -> torch.Tensor:
-    """``features(x)``, with the BatchNorm children at ``inplace`` normalising into their input where safe."""
-    if not inplace or x.device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        return features(x)
-    for index, layer in enumerate(features.children()):
-        if index in inplace and not x.requires_grad and not any(p.requires_grad for p in layer.parameters()):
-            x = batchnorm_into_input(layer, x)
-        else:
-            x = layer(x)
     return x

@@ -108,7 +108,8 @@ def _same_resize(first: Any, second: Any) -> bool:
 class HostMemoryHolder(Callback):
     """Holds :data:`~.performance.HOST_MEMORY_REUSE` from ``setup`` to ``teardown`` of a fit, validate, test or predict.
 
-    A callback rather than the module's own hooks because Lightning skips ``teardown`` when a run fails, and only
+    Only for runs on the CPU: on a GPU the activations live in device memory and the host has nothing to gain. A
+    callback rather than the module's own hooks because Lightning skips ``teardown`` when a run fails, and only
     callbacks hear ``on_exception``: a failed run hands the memory back too.
     """
 
@@ -116,8 +117,8 @@ class HostMemoryHolder(Callback):
         self.held = False
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        del trainer, pl_module, stage
-        if not self.held:
+        del pl_module, stage
+        if not self.held and trainer.strategy.root_device.type == "cpu":
             self.held = HOST_MEMORY_REUSE.acquire()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -330,8 +331,8 @@ class FcddHsc(_FcddLogic, AnomalibModule):
         precision: Lightning precision; ``auto`` = ``bf16-mixed`` where bf16 is native (AMX/AVX512-BF16 CPUs, CUDA
             GPUs with bf16), else ``32-true``.
         channels_last: NHWC memory layout for weights and activations.
-        reuse_host_memory: from ``setup`` to ``teardown`` of each fit/validate/test/predict, keep freed host memory
-            in the process instead of returning it to the system (glibc only; see
+        reuse_host_memory: from ``setup`` to ``teardown`` of each fit/validate/test/predict on the CPU, keep freed host
+            memory in the process instead of returning it to the system (glibc only; see
             :class:`~.performance.HostMemoryReuse`), so that CPU steps do not page-fault their activations in anew.
     """
 

@@ -22,7 +22,8 @@ from torch import nn
 from .anomaly_map import ReceptiveFieldUpsampler
 from .backbones import build_backbone, derive_receptive_field
 from .batchnorm_folding import FoldedFeaturesCache
-from .frozen_batchnorm import inplace_batchnorm_indices, run_features
+from .frozen_batchnorm import inplace_batchnorm_indices
+from .lean_features import run_features
 from .preprocessing import InputNormalization
 from .weights import WeightsError
 
@@ -65,6 +66,9 @@ class FcddModel(nn.Module):
             layers (OpenVINO folds them itself).
         inplace_frozen_batchnorm: on CPU, let the frozen ``Conv2d -> BatchNorm2d`` pairs normalise into the
             convolution's output (:mod:`.frozen_batchnorm`): bit-identical, with one activation allocation less each.
+        indexless_max_pool: on CPU, run the 2 x 2 max-pools that no gradient flows through (the frozen layers in
+            training, all of them at inference) without their int64 argmax indices (:mod:`.max_pooling`): the same
+            values, and at batch 128 about 0.8 GB less at peak host memory.
     """
 
     def __init__(
@@ -79,11 +83,13 @@ class FcddModel(nn.Module):
         channels_last: bool = True,
         fold_batchnorm: bool = True,
         inplace_frozen_batchnorm: bool = True,
+        indexless_max_pool: bool = True,
     ) -> None:
         super().__init__()
         self.channels_last = channels_last
         self.fold_batchnorm = fold_batchnorm
         self.inplace_frozen_batchnorm = inplace_frozen_batchnorm
+        self.indexless_max_pool = indexless_max_pool
         self._folded = FoldedFeaturesCache()
         self.normalization = InputNormalization(minmax)
         built = build_backbone(backbone, pre_trained, weights_path, frozen_modules)
@@ -147,7 +153,8 @@ class FcddModel(nn.Module):
         inplace = frozenset()
         if features is self.features and getattr(self, "inplace_frozen_batchnorm", False):
             inplace = self._inplace_batchnorms
-        return pseudo_huber(self.head(run_features(features, normalised, inplace)).float())
+        indexless = getattr(self, "indexless_max_pool", False)
+        return pseudo_huber(self.head(run_features(features, normalised, inplace, indexless)).float())
 
     def inference_features(self) -> nn.Module:
         """The backbone to run now: its BN-folded copy when that is safe and asked for, else ``features`` itself.
