@@ -8,7 +8,8 @@
 #      writes the missing wheels (about 52 MB, CPython 3.12, x86-64) into .device_wheels/ (git-ignored);
 #   2. with the device tool:  run(command="bash benchmarks/device_paper_timing.sh run", carry=[".device_wheels"],
 #                                 timeout_s=600)
-#      installs them without dependencies, installs this package with --no-deps, and runs
+#      installs them without dependencies into /tmp/site, puts this package's source tree on PYTHONPATH, checks the
+#      GPU, the imports and /dev/shm, and runs
 #      `python -m benchmarks.paper_timing --synthetic` (50 epochs x 10 passes, batch 128, on a generated stand-in of
 #      bottle's shape, since the real category is too large to travel). The results come back in $OUT.
 #
@@ -35,9 +36,16 @@ case "${1:-}" in
   run)
     : "${OUT:?run this on the device machine, where \$OUT is set}"
     export PYTHONUNBUFFERED=1
-    python3 -m pip install --no-index --no-deps "$WHEELS"/*.whl
-    python3 -m pip install --no-index --no-deps --no-build-isolation -e .
+    compgen -G "$WHEELS/*.whl" >/dev/null || { echo "no wheels in $WHEELS: run '$0 fetch' here first" >&2; exit 2; }
+    # Into a folder of its own (the image's environment may not be writable), and the package from its source tree
+    # (no build step, so the image's setuptools version does not matter).
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$WHEELS"/*.whl
+    export PYTHONPATH="/tmp/site:$PWD/src:$PWD"
+    # Preflight, so that a broken environment costs seconds, not the run: GPU, imports, shared memory for the workers.
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+    { nproc; df -h /dev/shm; } | tee -a "$OUT/gpu.txt"
+    python3 -c "import torch, anomalib, anomalib_fcdd; assert torch.cuda.is_available(); print(torch.__version__, \
+anomalib.__version__)" | tee -a "$OUT/gpu.txt"
     python3 -m benchmarks.paper_timing --synthetic --output "$OUT/paper_timing.md" "${@:2}" 2>&1 | tee "$OUT/log.txt"
     ;;
   *)

@@ -197,8 +197,10 @@ def test_tiny_demo_run_writes_every_report_file(tiny_root: Path, tmp_path: Path)
         assert figure.size[0] > 2 * figure.size[1]  # three panels side by side
 
 
-def test_demo_reports_bad_input_without_a_traceback(tmp_path: Path) -> None:
+def test_demo_reports_bad_input_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert demo_main(["--dataset", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert "nowhere does not exist" in " ".join((captured.out + captured.err).split())
     assert demo_main(["--data-root", str(tmp_path / "data"), "--crop-size", "300"]) == 2
     assert demo_main(["--data-root", str(tmp_path / "data"), "--categories", "marble"]) == 2
     assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()

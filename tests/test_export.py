@@ -472,6 +472,16 @@ def test_predict_reports_missing_model(tmp_path: Path) -> None:
     assert code == 2
 
 
+def test_predict_refuses_a_file_as_output_folder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    before = image.read_bytes()
+    code = predict_module.main(["--model-dir", str(tmp_path), "--input", str(image), "--output", str(image)])
+    assert code == 2
+    assert "is a file; give a folder" in caplog.text
+    assert image.read_bytes() == before
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "LA", "CMYK"])
 def test_load_image_converts_modes(tmp_path: Path, mode: str) -> None:
     """Every common PIL mode becomes H x W x 3 float32 in [0, 1] with a note."""

@@ -209,3 +209,32 @@ def test_runs_on_an_accelerator_leave_the_allocator_alone(monkeypatch: pytest.Mo
         assert libc.calls == expected, device
     holder.teardown(trainer, None, "fit")
     assert libc.calls == KEEP + RESTORE
+
+
+def test_a_forked_child_restores_the_defaults_for_itself() -> None:
+    libc = FakeLibc()
+    reuse = HostMemoryReuse(libc)
+    assert reuse.acquire()
+    reuse.forget_in_child()  # what the fork handler runs in a DataLoader worker
+    assert not reuse.active
+    assert libc.calls == KEEP + RESTORE
+    reuse.release()  # a stray release after that changes nothing
+    assert libc.calls == KEEP + RESTORE
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not HOST_MEMORY_REUSE.available, reason="needs fork and glibc")
+def test_workers_forked_while_reuse_is_held_do_not_inherit_it() -> None:
+    read_end, write_end = os.pipe()
+    assert HOST_MEMORY_REUSE.acquire()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: report and leave at once
+            os.write(write_end, b"1" if HOST_MEMORY_REUSE.active else b"0")
+            os._exit(0)
+        os.waitpid(pid, 0)
+        assert HOST_MEMORY_REUSE.active, "the parent still holds it"
+    finally:
+        HOST_MEMORY_REUSE.release()
+    assert os.read(read_end, 1) == b"0", "the forked child dropped the parent's setting"
+    os.close(read_end)
+    os.close(write_end)

@@ -41,6 +41,20 @@ def test_paper_timing_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "paper epoch 2:" in capsys.readouterr().out
 
 
+def test_stand_in_has_bottles_counts_and_a_mask_for_every_defect(tmp_path: Path) -> None:
+    from anomalib_fcdd.data import validate_mvtec_layout
+
+    paper_timing.stand_in_dataset(tmp_path, "bottle", scale=0.1)  # 209 x 0.1 -> 21 train, 2 good, 6 defective, 90 px
+    base = tmp_path / "bottle"
+    assert len(list((base / "train" / "good").glob("*.png"))) == 21
+    assert len(list((base / "test" / "good").glob("*.png"))) == 2
+    defects = sorted((base / "test").glob("s*/*.png"))
+    assert len(defects) == 6
+    for image in defects:
+        assert (base / "ground_truth" / image.parent.name / f"{image.stem}_mask.png").is_file(), image
+    validate_mvtec_layout(tmp_path, "bottle")  # raises on any missing or mismatched file
+
+
 def test_paper_timing_names_a_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert paper_timing.main(["--mvtec-root", str(tmp_path / "nowhere"), "--output", str(tmp_path / "t.md")]) == 2
     assert "nowhere" in capsys.readouterr().err

@@ -20,13 +20,15 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import UserInputError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".PNG")
 GRAYSCALE_MODES = {"L", "I", "I;16", "F", "1", "LA"}
 
 
-class DatasetError(ValueError):
+class DatasetError(UserInputError, ValueError):
     """The dataset on disk cannot be used as it is; the message names the path and the fix."""
 
 

@@ -122,6 +122,8 @@ def resolve_data(args: argparse.Namespace, console: Any) -> tuple[Path, list[str
     from .dataset import TEXTURES, DemoDatasetConfig, build_demo_dataset
 
     if args.dataset is not None:
+        if not Path(args.dataset).is_dir():
+            raise DemoError(f"--dataset {args.dataset} does not exist (or is not a folder).")
         categories = args.categories or dataset_categories(args.dataset)
         if not categories:
             raise DemoError(f"No category folder with train/good found in {args.dataset}.")

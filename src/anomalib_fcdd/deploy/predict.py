@@ -389,6 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = _rich_console()
     with _console_logging(console):
         try:
+            if output.exists() and not output.is_dir():
+                raise PredictError(f"--output {output} is a file; give a folder (it is created if missing).")
             model_file = find_model_file(args.model_dir)
             files = collect_inputs(args.input, exclude=output)
             if not files:

@@ -134,16 +134,22 @@ class ConfettiNoise(nn.Module):
         rows = torch.arange(height, device=device, dtype=torch.float32)[None, :, None]
         cols = torch.arange(width, device=device, dtype=torch.float32)[None, None, :]
         noise = torch.zeros(batch, channels, height, width, device=device)
+        inside = torch.empty(batch, height, width, dtype=torch.bool, device=device)
         for k in range(slots):
-            dy = rows - centre_y[:, k, None, None]
-            dx = cols - centre_x[:, k, None, None]
+            dy = rows - centre_y[:, k, None, None]  # B x H x 1
+            dx = cols - centre_x[:, k, None, None]  # B x 1 x W
             cos, sin = torch.cos(angle[:, k])[:, None, None], torch.sin(angle[:, k])[:, None, None]
-            # Inverse rotation of each pixel into the blob's frame, rounded to the nearest pixel (order-0 rotation).
-            u = torch.round(cos * dx + sin * dy)
-            v = torch.round(-sin * dx + cos * dy)
+            # Inverse rotation of each pixel into the blob's frame, rounded to the nearest pixel (order-0 rotation);
+            # the masks are combined in place, so a slot allocates two single-channel float planes and nothing else.
             lo, hi = lower[:, k, None, None], half[:, k, None, None]
-            inside = (u >= lo) & (u <= hi) & (v >= lo) & (v <= hi) & active[:, k, None, None]
-            noise = torch.where(inside[:, None], colour[:, k, :, None, None], noise)
+            u = torch.round_(cos * dx + sin * dy)
+            torch.ge(u, lo, out=inside)
+            inside &= u <= hi
+            v = torch.round_(-sin * dx + cos * dy)
+            inside &= v >= lo
+            inside &= v <= hi
+            inside &= active[:, k, None, None]
+            torch.where(inside[:, None], colour[:, k, :, None, None], noise, out=noise)
         return noise
 
     def _smooth(self, noise: torch.Tensor) -> torch.Tensor:
@@ -176,15 +182,15 @@ def apply_noise(images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor
     The result is quantised to grey levels exactly like ``clamp(uint8 + int noise, 0, 255)``, so the mask holds the
     pixels that really changed after clamping.
     """
-    levels = torch.round(images.float() * 255)
-    darkened = (levels + noise).clamp(0, 255)
-    brightened = (levels - noise).clamp(0, 255)
-    dark_change = (darkened - levels).abs().flatten(1).mean(1)
-    bright_change = (brightened - levels).abs().flatten(1).mean(1)
+    levels = torch.round_(images.float() * 255)
+    darkened = (levels + noise).clamp_(0, 255)
+    brightened = (levels - noise).clamp_(0, 255)
+    dark_change = (darkened - levels).abs_().flatten(1).mean(1)
+    bright_change = (brightened - levels).abs_().flatten(1).mean(1)
     flip = (dark_change < 0.025) & (bright_change > dark_change)
-    corrupted = torch.where(flip[:, None, None, None], brightened, darkened)
+    corrupted = torch.where(flip[:, None, None, None], brightened, darkened, out=darkened)
     mask = (corrupted != levels).any(dim=1, keepdim=True)
-    return (corrupted / 255).to(images.dtype), mask
+    return corrupted.div_(255).to(images.dtype), mask
 
 
 class ConfettiAnomalyGenerator(nn.Module):

@@ -64,18 +64,30 @@ def _factor(strength: torch.Tensor, generator: torch.Generator | None) -> torch.
 def color_jitter(
     images: torch.Tensor, strengths: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Brightness, contrast, saturation and hue jitter with per-image strengths (``B x 4``)."""
+    """Brightness, contrast, saturation and hue jitter with per-image strengths (``B x 4``).
+
+    Each step works in place on one new tensor (the input stays as it is), so a batch costs one image-sized block
+    and two single-channel ones instead of a fresh block per arithmetic step.
+    """
     view = (-1, 1, 1, 1)
-    gray_weights = _GRAY.to(images.device, images.dtype).view(1, 3, 1, 1)
-    images = (images * _factor(strengths[:, 0], generator).view(view)).clamp(0, 1)
-    gray_mean = (images * gray_weights).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+    gray_weights = _GRAY.to(images.device, images.dtype)
+    images = (images * _factor(strengths[:, 0], generator).view(view)).clamp_(0, 1)
+    gray_mean = _luma(images, gray_weights).mean(dim=(2, 3), keepdim=True)
     contrast = _factor(strengths[:, 1], generator).view(view)
-    images = (contrast * images + (1 - contrast) * gray_mean).clamp(0, 1)
-    gray = (images * gray_weights).sum(1, keepdim=True)
+    images.mul_(contrast).add_((1 - contrast) * gray_mean).clamp_(0, 1)
+    gray = _luma(images, gray_weights)
     saturation = _factor(strengths[:, 2], generator).view(view)
-    images = (saturation * images + (1 - saturation) * gray).clamp(0, 1)
+    images.mul_(saturation).add_((1 - saturation) * gray).clamp_(0, 1)
     hue = (torch.rand(images.shape[0], device=images.device, generator=generator) * 2 - 1) * strengths[:, 3]
     return rotate_hue(images, hue * 2 * math.pi)
+
+
+def _luma(images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_c w_c x_c`` as ``B x 1 x H x W``, accumulated channel by channel (no 3-channel temporary)."""
+    luma = images[:, 0:1] * weights[0]
+    for channel in range(1, images.shape[1]):
+        luma.add_(images[:, channel : channel + 1] * weights[channel])
+    return luma
 
 
 def rotate_hue(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
@@ -88,18 +100,21 @@ def rotate_hue(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     rotation[:, 1, 1], rotation[:, 1, 2] = cos, -sin
     rotation[:, 2, 1], rotation[:, 2, 2] = sin, cos
     transform = from_yiq @ rotation @ to_yiq  # B x 3 x 3
-    return torch.einsum("bij,bjhw->bihw", transform, images).clamp(0, 1)
+    return torch.einsum("bij,bjhw->bihw", transform, images).clamp_(0, 1)
 
 
 def gaussian_noise(
     images: torch.Tensor, probability: float = 0.5, relative_std: float = 0.1, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """With ``probability`` per image, add N(0, (relative_std * std(image))^2) to every value; clamp to [0, 1]."""
+    """With ``probability`` per image, add N(0, (relative_std * std(image))^2) to every value; clamp to [0, 1].
+
+    The noise tensor becomes the result (scaled, shifted by the image and clamped in place): one new block.
+    """
     batch = images.shape[0]
     chosen = torch.rand(batch, device=images.device, generator=generator) < probability
     std = images.flatten(1).std(dim=1) * relative_std * chosen
     noise = torch.randn(images.shape, device=images.device, generator=generator, dtype=images.dtype)
-    return (images + noise * std.view(-1, 1, 1, 1)).clamp(0, 1)
+    return noise.mul_(std.view(-1, 1, 1, 1)).add_(images).clamp_(0, 1)
 
 
 class FcddAugmentation(nn.Module):

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torchvision.models import VGG11_BN_Weights
 
+from ...errors import ConfigurationError
 from .anomaly_map import ReceptiveField
 from .offline_weights import TIMM_ARCH as LITE0_TIMM_ARCH
 from .offline_weights import efficientnet_lite0_state_dict
@@ -142,7 +143,9 @@ def _frozen(units: Sequence[nn.Module], count: int | None, default: int, backbon
     """The first ``count`` (default ``default``) modules of ``units``."""
     count = default if count is None else count
     if not 0 <= count <= len(units):
-        raise ValueError(f"frozen_modules for {backbone!r} must be between 0 and {len(units)}, got {count}.")
+        raise ConfigurationError(
+            f"frozen_modules for {backbone!r} must be between 0 and {len(units)}, got {count} (--model.frozen_modules)."
+        )
     return tuple(units[:count])
 
 
@@ -337,10 +340,15 @@ def build_backbone(
         frozen_modules: how many leading modules to freeze; ``None`` keeps the backbone's default.
 
     Raises:
-        ValueError: unknown backbone or ``frozen_modules`` out of range.
+        ConfigurationError: unknown backbone or ``frozen_modules`` out of range.
         WeightsError: ``weights_path`` unreadable or not fitting the network, or fetched weights not fitting it.
             Pretrained weights that cannot be *fetched* are reported in ``Backbone.missing_weights`` instead.
     """
+    return BACKBONES[check_backbone_name(name)](pre_trained, weights_path, frozen_modules)
+
+
+def check_backbone_name(name: str) -> str:
+    """``name`` if it is a registered backbone, else a :class:`ConfigurationError` listing them."""
     if name not in BACKBONES:
-        raise ValueError(f"Unknown FCDD backbone {name!r}; available: {sorted(BACKBONES)}.")
-    return BACKBONES[name](pre_trained, weights_path, frozen_modules)
+        raise ConfigurationError(f"Unknown FCDD backbone {name!r} (--model.backbone); available: {sorted(BACKBONES)}.")
+    return name

@@ -16,6 +16,7 @@ finds them by snake-case name; their init arguments are plain types so checkpoin
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -31,9 +32,10 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Resize
 
 from .anomaly_generator import ConfettiAnomalyGenerator
 from .augmentation import FcddAugmentation
-from .loss import FcddLoss
-from .performance import HOST_MEMORY_REUSE, resolve_precision
-from .preprocessing import MVTEC_MINMAX, MinMaxAccumulator, nearest_resize
+from .backbones import check_backbone_name
+from .loss import FcddLoss, check_loss_name
+from .performance import HOST_MEMORY_REUSE, check_precision, resolve_precision
+from .preprocessing import MVTEC_MINMAX, MinMaxAccumulator, nearest_resize, resolve_minmax
 from .torch_model import FcddModel
 
 logger = logging.getLogger(__name__)
@@ -105,6 +107,25 @@ def _same_resize(first: Any, second: Any) -> bool:
     return isinstance(first, Resize) and isinstance(second, Resize) and first.size == second.size
 
 
+def check_options(options: Mapping[str, Any]) -> None:
+    """Refuse an unknown ``loss``, ``backbone`` or ``precision`` and impossible ``minmax`` constants up front.
+
+    ``FcddHsc``/``Fcdd`` run it first thing; ``anomalib-fcdd`` runs it on the parsed options before jsonargparse
+    builds the model, since jsonargparse would report the error inside a long "does not validate" message.
+
+    Raises:
+        ConfigurationError: naming the option, the value and what it accepts.
+    """
+    if "loss" in options:
+        check_loss_name(options["loss"])
+    if "backbone" in options:
+        check_backbone_name(options["backbone"])
+    if "precision" in options:
+        check_precision(options["precision"])
+    if options.get("minmax") not in {None, "auto"}:
+        resolve_minmax(options["minmax"])
+
+
 class HostMemoryHolder(Callback):
     """Holds :data:`~.performance.HOST_MEMORY_REUSE` from ``setup`` to ``teardown`` of a fit, validate, test or predict.
 
@@ -141,6 +162,7 @@ class _FcddLogic:
     model: FcddModel
 
     def _setup_fcdd(self, hparams: dict[str, Any]) -> None:
+        check_options(hparams)
         self.model = FcddModel(
             backbone=hparams["backbone"],
             pre_trained=hparams["pre_trained"],

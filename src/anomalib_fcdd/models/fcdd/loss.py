@@ -33,6 +33,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ...errors import ConfigurationError
+
 #: Shift inside the push function. ``p`` has a pole at 0 (``p'(x) ~ -1/x``); evaluating it at ``x + PUSH_EPS``
 #: keeps loss and gradient finite (|p'(0)| = 1e6) while changing ``p`` by less than 1e-5 for ``x >= 0.1``.
 PUSH_EPS = 1e-6
@@ -105,6 +107,13 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] =
 }
 
 
+def check_loss_name(name: str) -> str:
+    """``name`` if it is one of :data:`LOSSES`, else a :class:`ConfigurationError` listing them."""
+    if name not in LOSSES:
+        raise ConfigurationError(f"Unknown FCDD loss {name!r} (--model.loss); choose one of {sorted(LOSSES)}.")
+    return name
+
+
 class FcddLoss(nn.Module):
     """Selectable hypersphere loss on the upsampled pseudo-Huber map.
 
@@ -115,9 +124,7 @@ class FcddLoss(nn.Module):
 
     def __init__(self, name: str = "pixel_balanced", eps: float = PUSH_EPS) -> None:
         super().__init__()
-        if name not in LOSSES:
-            raise ValueError(f"Unknown FCDD loss {name!r}; choose one of {sorted(LOSSES)}.")
-        self.name = name
+        self.name = check_loss_name(name)
         self.eps = eps
         self._loss = LOSSES[name]
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...errors import ConfigurationError
+
 #: Per-category (min R, min G, min B, max R, max G, max B) after LCN, from the reference code (``min_max_l1``).
 MVTEC_MINMAX: dict[str, tuple[float, float, float, float, float, float]] = {
     "bottle": (
@@ -199,19 +201,19 @@ def resolve_minmax(constants: str | list[float] | tuple[float, ...] | None) -> t
         return None
     if isinstance(constants, str):
         if constants not in MVTEC_MINMAX:
-            raise ValueError(
+            raise ConfigurationError(
                 f"No shipped min-max constants for {constants!r}. Known MVTec-AD categories: {sorted(MVTEC_MINMAX)}. "
                 "Pass minmax=None to compute them from the training images, or six numbers (3 minima, 3 maxima)."
             )
         constants = MVTEC_MINMAX[constants]
     values = torch.as_tensor(constants, dtype=torch.float32).flatten()
     if values.numel() != 6:
-        raise ValueError(
+        raise ConfigurationError(
             f"min-max constants need 6 numbers (min R, G, B then max R, G, B); got {values.numel()}: {constants}."
         )
     table = values.view(2, 3)
     if not bool((table[1] > table[0]).all()):
-        raise ValueError(f"min-max constants must have every maximum above its minimum; got {table.tolist()}.")
+        raise ConfigurationError(f"min-max constants must have every maximum above its minimum; got {table.tolist()}.")
     return table
 
 

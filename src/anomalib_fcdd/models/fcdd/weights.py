@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ...errors import UserInputError
+
 _HUB_NAME = re.compile(r"-([0-9a-f]{8,64})\.(?:pth|pt|bin)$")
 #: Keys under which training checkpoints nest the model's state dict, in order of preference.
 _CHECKPOINT_KEYS = ("state_dict", "model", "state_dict_ema")
@@ -26,7 +28,7 @@ _CHECKPOINT_KEYS = ("state_dict", "model", "state_dict_ema")
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserInputError, RuntimeError):
     """A weight file is missing, unreadable or does not fit the network."""
 
 
