@@ -203,87 +203,78 @@ def measure(variants: list[Variant], batch: int, rounds: int) -> dict[str, dict[
 
 
 CHILD = """
-import resource, sys, threading, time, warnings
-from pathlib import Path
+import resource, sys, time, warnings
 warnings.filterwarnings("ignore")
 from anomalib.engine import Engine
 from anomalib_fcdd import FcddHsc
 from anomalib_fcdd.data import MVTec
 root, category, out, reuse, batch = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "reuse", int(sys.argv[5])
-
-
-def descendants(pid):
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children = [int(child) for child in (task / "children").read_text().split()]
-        except OSError:
-            continue
-        for child in children:
-            found += [child, *descendants(child)]
-    return found
-
-
-def pss_kib(pid):
-    # proportional set size: each shared page counted once over all the processes that map it
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-peak_pss = 0
-done = threading.Event()
-
-
-def sample():
-    global peak_pss
-    me = int(Path("/proc/self/stat").read_text().split()[0])
-    while not done.wait(0.1):
-        peak_pss = max(peak_pss, sum(pss_kib(pid) for pid in [me, *descendants(me)]))
-
-
-sampler = threading.Thread(target=sample, daemon=True)
-sampler.start()
 datamodule = MVTec(root=root, category=category, train_batch_size=batch, eval_batch_size=min(batch, 32), num_workers=2)
 model = FcddHsc(pre_trained=False, epochs=1, passes_per_epoch=1, visualizer=False, reuse_host_memory=reuse)
 engine = Engine(default_root_dir=out, logger=False, accelerator="cpu", enable_progress_bar=False)
 start = time.perf_counter()
 engine.fit(model, datamodule=datamodule)
 print("FIT_SECONDS", time.perf_counter() - start)
-done.set()
-sampler.join()
 print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 print("PEAK_CHILDREN_RSS_KB", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-print("PEAK_PSS_TOTAL_KB", peak_pss)
 """
+#: Seconds between two samples of the training processes' PSS (taken from this process, not the trained one).
+PSS_INTERVAL = 0.25
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (DataLoader workers), from ``/proc/<pid>/task/*/children``."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *_descendants(child)]
+    return found
+
+
+def _pss_kib(pid: int) -> int:
+    """Proportional set size of ``pid``: each page it shares with others counts by its share, so sums add up."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def full_category_memory(
     root: Path, category: str, workdir: Path, reuse: bool = True, batch: int = 16
 ) -> dict[str, float]:
-    """Fit time and peak RSS (GiB) of the training process and its largest worker for one pass over a category."""
+    """Fit time and peak memory (GiB) of one pass over a category: RSS of the trainer and of its largest worker, and
+    the peak over time of the summed PSS of the trainer and all its workers (``nan`` where ``/proc`` has no PSS)."""
     mode = "reuse" if reuse else "no-reuse"
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD, str(root), category, str(workdir), mode, str(batch)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=3600,
-    )
+    command = [sys.executable, "-c", CHILD, str(root), category, str(workdir), mode, str(batch)]
+    peak_pss = 0
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        deadline = time.monotonic() + 3600
+        while process.poll() is None:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"the memory run ({mode}, batch {batch}) took over an hour")
+            peak_pss = max(peak_pss, sum(_pss_kib(pid) for pid in [process.pid, *_descendants(process.pid)]))
+            time.sleep(PSS_INTERVAL)
+        stdout, stderr = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"the memory run ({mode}, batch {batch}) failed:\n{stderr[-3000:]}")
     values = {}
-    for line in result.stdout.splitlines():
+    for line in stdout.splitlines():
         key, _, value = line.partition(" ")
-        if key in {"FIT_SECONDS", "PEAK_RSS_KB", "PEAK_CHILDREN_RSS_KB", "PEAK_PSS_TOTAL_KB"}:
+        if key in {"FIT_SECONDS", "PEAK_RSS_KB", "PEAK_CHILDREN_RSS_KB"}:
             values[key] = float(value)
     return {
         "fit_seconds": values["FIT_SECONDS"],
         "main_gib": values["PEAK_RSS_KB"] / 2**20,
         "worker_gib": values["PEAK_CHILDREN_RSS_KB"] / 2**20,
-        "total_pss_gib": values["PEAK_PSS_TOTAL_KB"] / 2**20,
+        "total_pss_gib": peak_pss / 2**20 if peak_pss else float("nan"),
     }
 
 
@@ -366,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             "default against `reuse_host_memory=False`, one after the other; batch 128 is the paper's, validation "
             "batch 32 there). A worker's RSS counts the pages it shares with the process it was forked from; the "
             "whole run's host memory is the peak of its processes' summed PSS (shared pages counted once), sampled "
-            "every 0.1 s:",
+            f"every {PSS_INTERVAL} s from outside:",
             "",
             "| batch | host memory | fit s | peak RSS main (GiB) | peak RSS largest worker (GiB) | peak PSS, all "
             "processes (GiB) |",

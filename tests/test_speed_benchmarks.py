@@ -98,3 +98,12 @@ def test_training_benchmark_times_every_variant(tmp_path: Path) -> None:
         assert infer_ratio == pytest.approx(
             infer / base_infer, rel=0.02, abs=0.01
         )  # from figures rounded to 2 decimals
+
+
+def test_full_category_memory_reports_fit_time_rss_and_pss(synthetic_root: Path, tmp_path: Path) -> None:
+    memory = bench_training.full_category_memory(synthetic_root, "synthetic", tmp_path, reuse=True, batch=8)
+    assert memory["fit_seconds"] > 0
+    assert 0.2 < memory["main_gib"] < 8, "torch alone is a few hundred MiB resident"
+    assert memory["worker_gib"] > 0, "two DataLoader workers ran"
+    if Path("/proc/self/smaps_rollup").exists():
+        assert 0.2 < memory["total_pss_gib"] < memory["main_gib"] + 2 * memory["worker_gib"]
