@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from tests.helpers import assert_same_trainable_gradients
 from torch import nn
 
 from anomalib_fcdd.models.fcdd import lean_features
@@ -125,12 +126,7 @@ def test_vgg_training_forward_is_unchanged_and_saves_the_first_block_activation(
             assert torch.equal(mine.running_mean, theirs.running_mean)
             assert torch.equal(mine.running_var, theirs.running_var)
     # the gradient still reaches every trainable weight, and only those
-    actual.anomaly_map.mean().backward()
-    expected.anomaly_map.mean().backward()
-    for mine, theirs in zip(model.parameters(), plain.parameters(), strict=True):
-        assert (mine.grad is None) == (theirs.grad is None)
-        if mine.grad is not None:
-            assert torch.equal(mine.grad, theirs.grad)
+    assert_same_trainable_gradients(model, plain, actual.anomaly_map, expected.anomaly_map)
 
 
 def test_a_hook_that_keeps_the_convolution_output_sees_it_unchanged() -> None:

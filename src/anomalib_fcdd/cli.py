@@ -17,9 +17,9 @@ from typing import Any
 from .errors import UserInputError
 
 MODEL_ALIASES = {
-    "fcdd": "anomalib_fcdd.Fcdd",
     "fcdd_hsc": "anomalib_fcdd.FcddHsc",
     "fcddhsc": "anomalib_fcdd.FcddHsc",
+    "fcdd": "anomalib_fcdd.Fcdd",
 }
 DATA_ALIASES = {
     "mvtec": "anomalib_fcdd.data.MVTec",
@@ -68,7 +68,7 @@ def _check_short_name(flag: str, value: str) -> None:
         return  # anomalib's own class names (Padim, MVTecAD, ...)
     close = difflib.get_close_matches(value.lower(), list(_ALIASES[flag]), n=1, cutoff=0.75)
     if close:
-        names = "fcdd_hsc | fcdd" if flag.startswith("--model") else "MVTec | MVTecFewAnomalies"
+        names = " | ".join(_SHOWN_NAMES[path] for path in dict.fromkeys(_ALIASES[flag].values()))
         suggestion = _SHOWN_NAMES[_ALIASES[flag][close[0]]]
         raise UsageError(
             f"{flag} {value}: unknown name; did you mean {suggestion!r}? Short names: {names} (or a full class path)."
