@@ -164,6 +164,11 @@ def run(args: argparse.Namespace, data_root: Path, work: Path) -> dict[str, Any]
     }
 
 
+def _seconds(value: float) -> str:
+    """Whole seconds for long spans, two decimals below 10 s (a short smoke run's validation is not "0")."""
+    return f"{value:.0f}" if value >= 10 else f"{value:.2f}"
+
+
 def report(args: argparse.Namespace, figures: dict[str, Any], argv: list[str]) -> str:
     """The Markdown section for one run."""
     from benchmarks.bench_training import machine
@@ -186,9 +191,9 @@ def report(args: argparse.Namespace, figures: dict[str, Any], argv: list[str]) -
         "| fit (s) | of which validation (s) | training img/s | s per pass | test (s) | peak GPU memory (GiB) "
         "| peak host RSS main / worker (GiB) |",
         "|---|---|---|---|---|---|---|",
-        f"| {figures['fit_seconds']:.0f} | {figures['validation_seconds']:.0f} "
+        f"| {_seconds(figures['fit_seconds'])} | {_seconds(figures['validation_seconds'])} "
         f"| {figures['train_images'] / training_seconds:.1f} | {training_seconds / passes:.2f} "
-        f"| {figures['test_seconds']:.0f} "
+        f"| {_seconds(figures['test_seconds'])} "
         f"| {'-' if figures['gpu_peak_gib'] is None else format(figures['gpu_peak_gib'], '.1f')} "
         f"| {figures['host_main_gib']:.2f} / {figures['host_worker_gib']:.2f} |",
         "",

@@ -103,7 +103,7 @@ def test_vgg_training_forward_is_unchanged_and_saves_the_first_block_activation(
     bf16: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     torch.manual_seed(0)
-    model = FcddModel(backbone="vgg11_bn", pre_trained=False, channels_last=True).train()
+    model = FcddModel(backbone="vgg11_bn", pre_trained=False, channels_last=True, minmax="bottle").train()
     assert model._inplace_batchnorms == {1, 5, 9, 12}, "the frozen VGG BatchNorms (the first 15 modules)"
     plain = copy.deepcopy(model)
     plain.inplace_frozen_batchnorm = False

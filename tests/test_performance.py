@@ -66,6 +66,27 @@ def test_bf16_map_is_close_to_fp32() -> None:
     assert ((fast - reference).abs().max() / reference.abs().max()).item() < 0.05
 
 
+def test_bf16_inference_scores_come_from_an_fp32_head() -> None:
+    """At inference the 1x1 head sees the bf16 features but computes phi in fp32, so scores are not rounded to bf16.
+
+    Hand computation: the backbone under autocast, then ``conv2d`` in fp32 and ``sqrt(phi^2 + 1) - 1``.
+    """
+    torch.manual_seed(0)
+    model = FcddModel(pre_trained=False, minmax="bottle").eval()
+    images = torch.rand(2, 3, 96, 96)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.low_resolution_map(images)
+        features = model.inference_features()(model.normalization(images))
+    assert features.dtype == torch.bfloat16
+    with torch.no_grad():
+        phi = torch.nn.functional.conv2d(features.float(), model.head.weight, model.head.bias)
+    expected = torch.sqrt(phi**2 + 1) - 1
+    rounded = torch.sqrt(phi.bfloat16().float() ** 2 + 1) - 1  # what a bf16 head would give
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, expected, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(low, rounded, rtol=1e-3, atol=0), "phi is still rounded to bf16"
+
+
 @pytest.mark.parametrize("crop_probability", [0.0, 1.0])
 def test_augmentation_is_unchanged_by_bf16_autocast(crop_probability: float) -> None:
     """Resize branch (affine grid) and crop branch, colour jitter and noise: identical draws give identical pixels.
@@ -94,3 +115,52 @@ def test_smoothed_confetti_is_unchanged_by_bf16_autocast() -> None:
     assert mixed[0].dtype == torch.float32
     assert torch.equal(mixed[0], plain[0])
     assert torch.equal(mixed[1], plain[1])
+
+
+@pytest.mark.parametrize(
+    ("requested", "cpu_bf16", "expected"),
+    [("auto", False, "32-true"), ("auto", True, "bf16-mixed"), ("bf16-mixed", False, "bf16-mixed")],
+)
+def test_auto_precision_follows_the_device_the_run_uses(
+    requested: str,
+    cpu_bf16: bool,
+    expected: str,
+    synthetic_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bf16 GPU machine, run on its CPU: ``auto`` is settled for the CPU, an explicit precision is left alone.
+
+    ``trainer_arguments`` resolves ``auto`` before the trainer exists, for the GPU; the steps must still autocast
+    exactly when the CPU computes bf16 natively.
+    """
+    from anomalib.engine import Engine
+
+    from anomalib_fcdd import FcddHsc
+    from anomalib_fcdd.data import MVTec
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(performance, "cpu_has_native_bf16", lambda *args: cpu_bf16)
+    model = FcddHsc(
+        backbone="efficientnet_lite0",
+        pre_trained=False,
+        image_size=64,
+        epochs=1,
+        passes_per_epoch=1,
+        precision=requested,
+    )
+    assert model.trainer_arguments["precision"] == "bf16-mixed", "resolved for the GPU, as Lightning sees no device yet"
+    autocast_in_steps: list[bool] = []
+    step = model.training_step
+
+    def recording_step(*args: object, **kwargs: object) -> object:
+        autocast_in_steps.append(torch.is_autocast_enabled("cpu"))
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(model, "training_step", recording_step)
+    datamodule = MVTec(root=synthetic_root, category="synthetic", train_batch_size=8, eval_batch_size=8, num_workers=0)
+    engine = Engine(default_root_dir=tmp_path, logger=False, accelerator="cpu", devices=1, enable_progress_bar=False)
+    engine.fit(model, datamodule=datamodule)
+    assert engine.trainer.precision == expected
+    assert autocast_in_steps and all(enabled == (expected == "bf16-mixed") for enabled in autocast_in_steps)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from anomalib_fcdd.errors import ConfigurationError
 from anomalib_fcdd.models.fcdd.preprocessing import (
     MVTEC_MINMAX,
     InputNormalization,
@@ -78,8 +79,31 @@ def test_constants_computed_from_generated_dataset(synthetic_root) -> None:
     assert accumulator.count == len(files)
 
 
-def test_normalization_refuses_nothing_but_reports_readiness() -> None:
+def test_normalization_refuses_to_run_on_placeholder_constants() -> None:
+    """No constants, no scores: set ones, or ones loaded with a checkpoint, make it run; unready ones stop it again."""
+    images = torch.rand(1, 3, 8, 8)
     norm = InputNormalization(None)
     assert not bool(norm.ready)
-    norm.set_constants(torch.tensor([[0.0, 0, 0], [1, 1, 1]]))
+    with pytest.raises(ConfigurationError, match="no min-max constants yet"):
+        norm(images)
+    norm.set_constants(torch.tensor([[-1.0, -2, -4], [1, 2, 4]]))
     assert bool(norm.ready)
+    expected = (local_contrast_normalization(images) - torch.tensor([-1.0, -2, -4]).view(1, 3, 1, 1)) / torch.tensor(
+        [2.0, 4, 8]
+    ).view(1, 3, 1, 1)
+    torch.testing.assert_close(norm(images), expected)
+
+    restored = InputNormalization(None)
+    restored.load_state_dict(norm.state_dict())
+    torch.testing.assert_close(restored(images), expected)
+    restored.load_state_dict(InputNormalization(None).state_dict())
+    with pytest.raises(ConfigurationError, match="no min-max constants yet"):
+        restored(images)
+
+
+def test_an_untrained_model_without_constants_refuses_to_score() -> None:
+    from anomalib_fcdd.models.fcdd.torch_model import FcddModel
+
+    model = FcddModel(backbone="efficientnet_lite0", pre_trained=False).eval()
+    with torch.no_grad(), pytest.raises(ConfigurationError, match="Train the model first"):
+        model(torch.rand(1, 3, 32, 32))

@@ -28,7 +28,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,7 @@ class Prediction:
     image: Path
     pred_score: float
     pred_label: int
-    overlay: Path
+    overlay: Path | None  # None when the overlay could not be written (the score still counts)
     width: int
     height: int
     source_mode: str
@@ -231,11 +231,16 @@ def make_overlay(image: np.ndarray, anomaly_map: np.ndarray, pred_mask: np.ndarr
     return Image.fromarray(result)
 
 
+#: Longest stem kept in an overlay's name: file systems allow 255 bytes, and the suffix adds up to about 20.
+MAX_OVERLAY_STEM_BYTES = 200
+
+
 def _overlay_path(folder: Path, source: Path, taken: set[str]) -> Path:
-    """``<stem>_overlay.png``, with a counter when two inputs share a stem."""
-    name, counter = f"{source.stem}_overlay.png", 1
+    """``<stem>_overlay.png``, with a counter when two inputs share a stem; over-long stems are shortened."""
+    stem = source.stem.encode()[:MAX_OVERLAY_STEM_BYTES].decode(errors="ignore")
+    name, counter = f"{stem}_overlay.png", 1
     while name in taken:
-        name, counter = f"{source.stem}_{counter}_overlay.png", counter + 1
+        name, counter = f"{stem}_{counter}_overlay.png", counter + 1
     taken.add(name)
     return folder / name
 
@@ -253,7 +258,10 @@ def load_inferencer(model_file: Path, device: str = "CPU", precision: str = "f32
 
 
 def predict_one(inferencer: Any, path: Path, overlay: Path, input_size: tuple[int, int] | None) -> Prediction:
-    """Score one file and write its overlay; raises ``ValueError`` for unreadable files."""
+    """Score one file and write its overlay; raises ``ValueError`` for unreadable files.
+
+    An overlay that cannot be written (a full disk, say) is logged and left out; the score is kept.
+    """
     loaded = load_image(path)
     if loaded.note:
         logger.info("%s: %s", path, loaded.note)
@@ -263,9 +271,16 @@ def predict_one(inferencer: Any, path: Path, overlay: Path, input_size: tuple[in
         raise ValueError(f"inference failed ({error})") from error
     score = float(np.asarray(result.pred_score).reshape(-1)[0])
     label = int(np.asarray(result.pred_label).reshape(-1)[0]) if result.pred_label is not None else int(score >= 0.5)
-    make_overlay(loaded.array, result.anomaly_map, result.pred_mask).save(overlay)
+    written: Path | None = overlay
+    try:
+        make_overlay(loaded.array, result.anomaly_map, result.pred_mask).save(overlay)
+    except OSError as error:  # disk full, permissions, ...: keep the score, say what is missing
+        logger.warning("%s: scored, but its overlay %s could not be written (%s)", path, overlay, error)
+        with suppress(OSError):  # a half-written file
+            overlay.unlink(missing_ok=True)
+        written = None
     height, width = loaded.array.shape[:2]
-    return Prediction(path, score, label, overlay, width, height, loaded.source_mode)
+    return Prediction(path, score, label, written, width, height, loaded.source_mode)
 
 
 def predict_files(
@@ -278,14 +293,17 @@ def predict_files(
     if input_size is not None:
         logger.info("The model has a fixed %dx%d input: images are resized to it before inference.", *input_size)
     summary, taken, start = PredictionSummary(), set(), time.perf_counter()
-    for path in _progress(files, enabled=show_progress and len(files) > 1, console=console):
-        try:
-            summary.predictions.append(predict_one(inferencer, path, _overlay_path(overlays, path, taken), input_size))
-        except ValueError as error:
-            logger.warning("Skipped %s: %s", path, error)
-            summary.skipped.append((path, str(error)))
-    summary.seconds = time.perf_counter() - start
-    write_csvs(output, summary)
+    try:
+        for path in _progress(files, enabled=show_progress and len(files) > 1, console=console):
+            try:
+                overlay = _overlay_path(overlays, path, taken)
+                summary.predictions.append(predict_one(inferencer, path, overlay, input_size))
+            except ValueError as error:  # unreadable input
+                logger.warning("Skipped %s: %s", path, error)
+                summary.skipped.append((path, str(error)))
+    finally:  # whatever stops the loop (Ctrl-C included), the images scored so far reach the CSVs
+        summary.seconds = time.perf_counter() - start
+        write_csvs(output, summary)
     return summary
 
 
@@ -296,7 +314,7 @@ def write_csvs(output: Path, summary: PredictionSummary) -> None:
         writer.writerow(PREDICTION_FIELDS)
         for p in summary.predictions:
             label = "anomalous" if p.pred_label else "normal"
-            overlay = p.overlay.relative_to(output)
+            overlay = "" if p.overlay is None else p.overlay.relative_to(output)
             writer.writerow(
                 [p.image, f"{p.pred_score:.6f}", p.pred_label, label, overlay, p.width, p.height, p.source_mode]
             )

@@ -26,6 +26,7 @@ from anomalib.metrics import AUPR, AUPRO, AUROC, Evaluator, F1Score
 from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
 from lightning.pytorch import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torchvision.transforms.v2 import Compose, InterpolationMode, Resize
@@ -191,6 +192,32 @@ class _FcddLogic:
         if self._fcdd.get("reuse_host_memory", True):
             callbacks.append(HostMemoryHolder())
         return callbacks
+
+    def setup(self, stage: str) -> None:
+        """Settle ``precision="auto"`` for the device the run really uses (see :meth:`_match_precision_to_device`)."""
+        super().setup(stage)  # type: ignore[misc]
+        self._match_precision_to_device()
+
+    def _match_precision_to_device(self) -> None:
+        """Swap the trainer's precision plugin when ``auto`` was resolved for another device than the run's.
+
+        ``trainer_arguments`` is read before the trainer exists, so it resolves ``auto`` for the default device: a
+        bf16 GPU when there is one. A run forced onto the CPU (``--trainer.accelerator cpu``) of such a machine would
+        then autocast to bf16 even where this CPU only emulates it, several times slower than fp32. Lightning calls
+        this hook before its strategy sets up the module, so the plugin can still be swapped.
+        """
+        if self._fcdd["precision"] != "auto" or self._trainer is None:
+            return
+        strategy = self.trainer.strategy
+        plugin = strategy.precision_plugin
+        if type(plugin) not in {Precision, MixedPrecision}:  # a strategy's own plugin (FSDP, DeepSpeed, ...)
+            return
+        device = strategy.root_device.type
+        wanted = resolve_precision("auto", device)
+        if wanted == plugin.precision:
+            return
+        strategy.precision_plugin = Precision() if wanted == "32-true" else MixedPrecision("bf16-mixed", device)
+        logger.info("FCDD: precision 'auto' on %s is %s, not %s.", device, wanted, plugin.precision)
 
     def on_train_start(self) -> None:
         """Pick the anomaly source and make sure the min-max constants exist (shipped MVTec ones or computed)."""

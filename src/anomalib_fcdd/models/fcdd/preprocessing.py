@@ -221,7 +221,8 @@ class InputNormalization(nn.Module):
     """LCN followed by per-channel min-max, with the constants held in (checkpointed) buffers.
 
     Until constants are set (``ready`` is False) the module refuses to run, so a model can never silently use
-    placeholder values.
+    placeholder values. The check reads a Python mirror of ``ready`` (refreshed when a state dict is loaded), so it
+    costs no device synchronisation per batch and traces as a constant.
     """
 
     def __init__(self, constants: str | list[float] | tuple[float, ...] | None = None) -> None:
@@ -230,6 +231,8 @@ class InputNormalization(nn.Module):
         self.register_buffer("low", torch.zeros(1, 3, 1, 1))
         self.register_buffer("high", torch.ones(1, 3, 1, 1))
         self.register_buffer("ready", torch.tensor(False))
+        self._has_constants = False
+        self.register_load_state_dict_post_hook(_refresh_readiness)
         if table is not None:
             self.set_constants(table)
 
@@ -239,6 +242,7 @@ class InputNormalization(nn.Module):
         self.low.copy_(table[0].view(1, 3, 1, 1))
         self.high.copy_(table[1].view(1, 3, 1, 1))
         self.ready.fill_(True)
+        self._has_constants = True
 
     @property
     def constants(self) -> torch.Tensor:
@@ -247,8 +251,20 @@ class InputNormalization(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Normalise ``B x 3 x H x W`` images in [0, 1]."""
+        if not self._has_constants:
+            raise ConfigurationError(
+                "FCDD's input normalisation has no min-max constants yet, so it would score with placeholders. "
+                "Train the model first (fit sets them), load a checkpoint of a trained model, or pass minmax= a "
+                "MVTec-AD category name (e.g. 'bottle') or six numbers (3 minima, 3 maxima)."
+            )
         contrast = local_contrast_normalization(images)
         return (contrast - self.low) / (self.high - self.low)
+
+
+def _refresh_readiness(module: nn.Module, incompatible_keys: object) -> None:
+    """``load_state_dict`` post-hook: a loaded ``ready`` buffer decides whether the constants are real."""
+    del incompatible_keys
+    module._has_constants = bool(module.ready)
 
 
 class MinMaxAccumulator:
