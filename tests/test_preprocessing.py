@@ -101,6 +101,18 @@ def test_normalization_refuses_to_run_on_placeholder_constants() -> None:
         restored(images)
 
 
+def test_a_module_pickled_without_the_readiness_mirror_still_runs() -> None:
+    """Whole models saved (``torch.save``) by earlier versions lack ``_has_constants``; ``ready`` decides then."""
+    norm = InputNormalization("bottle")
+    del norm.__dict__["_has_constants"]
+    images = torch.rand(1, 3, 8, 8)
+    table = torch.tensor(MVTEC_MINMAX["bottle"]).view(2, 3)
+    expected = (local_contrast_normalization(images) - table[0].view(1, 3, 1, 1)) / (table[1] - table[0]).view(
+        1, 3, 1, 1
+    )
+    torch.testing.assert_close(norm(images), expected)
+
+
 def test_an_untrained_model_without_constants_refuses_to_score() -> None:
     from anomalib_fcdd.models.fcdd.torch_model import FcddModel
 

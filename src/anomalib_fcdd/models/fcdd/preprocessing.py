@@ -251,6 +251,8 @@ class InputNormalization(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Normalise ``B x 3 x H x W`` images in [0, 1]."""
+        if "_has_constants" not in self.__dict__:  # a whole module pickled by a version without the mirror
+            self._has_constants = bool(self.ready)
         if not self._has_constants:
             raise ConfigurationError(
                 "FCDD's input normalisation has no min-max constants yet, so it would score with placeholders. "
