@@ -65,6 +65,11 @@ def test_anomalib_names_and_class_paths_pass_unchanged() -> None:
         ("--model.backbone", "resnet19", "Unknown FCDD backbone 'resnet19' (--model.backbone)"),
         ("--model.precision", "bf32", "Unknown precision 'bf32' (--model.precision). Use 'auto'"),
         ("--model.minmax", "bottlee", "No shipped min-max constants for 'bottlee'"),
+        (
+            "--model.weights_path",
+            "/no/such/vgg.pth",
+            "Weight file /no/such/vgg.pth does not exist (--model.weights_path)",
+        ),
     ],
 )
 def test_a_bad_model_option_is_one_line_before_anything_runs(

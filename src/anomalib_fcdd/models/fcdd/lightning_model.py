@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ from .loss import FcddLoss, check_loss_name
 from .performance import HOST_MEMORY_REUSE, check_precision, resolve_precision
 from .preprocessing import MVTEC_MINMAX, MinMaxAccumulator, nearest_resize, resolve_minmax
 from .torch_model import FcddModel
+from .weights import WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -109,13 +111,15 @@ def _same_resize(first: Any, second: Any) -> bool:
 
 
 def check_options(options: Mapping[str, Any]) -> None:
-    """Refuse an unknown ``loss``, ``backbone`` or ``precision`` and impossible ``minmax`` constants up front.
+    """Refuse an unknown ``loss``, ``backbone`` or ``precision``, impossible ``minmax`` constants and a missing
+    ``weights_path`` file up front.
 
     ``FcddHsc``/``Fcdd`` run it first thing; ``anomalib-fcdd`` runs it on the parsed options before jsonargparse
     builds the model, since jsonargparse would report the error inside a long "does not validate" message.
 
     Raises:
         ConfigurationError: naming the option, the value and what it accepts.
+        WeightsError: ``weights_path`` names no file.
     """
     if "loss" in options:
         check_loss_name(options["loss"])
@@ -125,6 +129,12 @@ def check_options(options: Mapping[str, Any]) -> None:
         check_precision(options["precision"])
     if options.get("minmax") not in {None, "auto"}:
         resolve_minmax(options["minmax"])
+    weights_path = options.get("weights_path")
+    if weights_path is not None and not Path(weights_path).expanduser().is_file():
+        raise WeightsError(
+            f"Weight file {weights_path} does not exist (--model.weights_path). Give the path of a local state dict "
+            "(.pth/.pt/.ckpt or .safetensors), or leave the option out."
+        )
 
 
 class HostMemoryHolder(Callback):
