@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +38,7 @@ from .loss import FcddLoss, check_loss_name
 from .performance import HOST_MEMORY_REUSE, check_precision, resolve_precision
 from .preprocessing import MVTEC_MINMAX, MinMaxAccumulator, nearest_resize, resolve_minmax
 from .torch_model import FcddModel
-from .weights import WeightsError
+from .weights import existing_weight_file
 
 logger = logging.getLogger(__name__)
 
@@ -129,12 +128,8 @@ def check_options(options: Mapping[str, Any]) -> None:
         check_precision(options["precision"])
     if options.get("minmax") not in {None, "auto"}:
         resolve_minmax(options["minmax"])
-    weights_path = options.get("weights_path")
-    if weights_path is not None and not Path(weights_path).expanduser().is_file():
-        raise WeightsError(
-            f"Weight file {weights_path} does not exist (--model.weights_path). Give the path of a local state dict "
-            "(.pth/.pt/.ckpt or .safetensors), or leave the option out."
-        )
+    if options.get("weights_path") is not None:
+        existing_weight_file(options["weights_path"], "--model.weights_path")
 
 
 class HostMemoryHolder(Callback):

@@ -41,6 +41,19 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def existing_weight_file(path: str | Path, option: str | None = None) -> Path:
+    """``path`` (``~`` expanded) if it names a file; else a :class:`WeightsError` naming it and ``option``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        if option is None:
+            raise WeightsError(f"Weight file {path} does not exist.")
+        raise WeightsError(
+            f"Weight file {path} does not exist ({option}). Give the path of a local state dict "
+            "(.pth/.pt/.ckpt or .safetensors), or leave the option out."
+        )
+    return path
+
+
 def load_state_dict_file(path: str | Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Load a state dict with ``weights_only=True``; verify its hash when known.
 
@@ -51,9 +64,7 @@ def load_state_dict_file(path: str | Path, expected_sha256: str | None = None) -
     Raises:
         WeightsError: the file is missing, its hash differs, or it is not a readable tensor-only state dict.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"Weight file {path} does not exist.")
+    path = existing_weight_file(path)
     match = _HUB_NAME.search(path.name)
     expected = expected_sha256 or (match.group(1) if match else None)
     if expected is not None:
