@@ -257,16 +257,6 @@ def benchmark_model(name: str, data: dict[str, Path], batch: np.ndarray, work: P
 # ---------------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------------
-def _ratio(rows: list[Row], model: str, runtime_prefix: str, reference: Row, batch_size: int) -> str:
-    match = [r for r in rows if r.model == model and r.runtime.startswith(runtime_prefix)]
-    if not match:
-        return "n/a"
-    row = match[0]
-    speed = row.throughput[batch_size] / reference.throughput[batch_size]
-    size = (reference.size_mb or 0) / (row.size_mb or 1)
-    return f"{speed:.2f}x throughput, {size:.1f}x smaller ({row.runtime} vs {reference.runtime})"
-
-
 def targets(rows: list[Row], batch_sizes: list[int]) -> list[str]:
     """The issue's targets: FCDD OpenVINO INT8 >= 3x PatchCore OpenVINO FP32 throughput, >= 10x smaller artefact."""
     reference = [r for r in rows if r.model.startswith("patchcore") and r.runtime.startswith("OpenVINO FP32")]

@@ -6,16 +6,14 @@ interleaved step by step, round by round, so that machine noise hits them alike:
 * ``reference-like``: fp32, NCHW, eager, the 62 x 62 upsampling kernel applied in one 2-D transposed convolution,
   BatchNorm layers run as such (a fresh output each) -- the reference's kind of step;
 * ``default``: this package's default (``precision="auto"``: bf16 autocast where the hardware has native bf16, else
-  fp32; channels-last memory layout; the upsampling kernel applied as two 1-D passes; BatchNorm folded into the
-  convolutions at inference and normalising into the frozen convolutions' outputs in training; freed host memory
-  kept in the process, ``reuse_host_memory``);
-* ``default without host memory reuse``: the same with glibc's default allocator behaviour, to show that part alone;
+  fp32; ``accelerate=True``: channels-last memory layout and BatchNorm folded into the convolutions at inference; the
+  upsampling kernel applied as two 1-D passes);
+* one row per speed trick with that trick alone switched off, so each one's gain is measured on its own;
 * ``bf16 forced``: bf16 autocast even where it is emulated, to show what ``auto`` avoids.
 
 A training step is the package's full step: confetti synthesis and augmentation on the batch, forward, loss, backward,
-SGD update. The memory figures come from child processes that train one epoch on a real MVTec-AD category through
-anomalib's Engine (image decoding in DataLoader workers), once with host memory reuse and once without, and report
-their fit time and peak RSS.
+SGD update. The memory figures come from a child process that trains one epoch on a real MVTec-AD category through
+anomalib's Engine (image decoding in DataLoader workers) and reports its fit time and peak memory.
 
     python -m benchmarks.bench_training [--batch 16] [--rounds 3] [--mvtec-root DIR] [--category bottle]
         [--memory-batches 16 128]
@@ -24,7 +22,6 @@ their fit time and peak RSS.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import multiprocessing
 import os
@@ -40,7 +37,7 @@ from typing import Any
 import torch
 
 from anomalib_fcdd import FcddHsc
-from anomalib_fcdd.models.fcdd.performance import native_bf16_cpu_flags, resolve_precision, reused_host_memory
+from anomalib_fcdd.models.fcdd.acceleration import native_bf16_cpu_flags, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "training.md"
@@ -53,12 +50,9 @@ class Variant:
 
     name: str
     bf16: bool
-    channels_last: bool
+    accelerate: bool
     separable_upsampling: bool = True
     fold_batchnorm: bool = True
-    inplace_frozen_batchnorm: bool = True
-    indexless_max_pool: bool = True
-    reuse_host_memory: bool = True
 
 
 def machine() -> str:
@@ -88,11 +82,10 @@ def append_section(path: Path, title: str, section: str) -> None:
 def build(variant: Variant) -> FcddHsc:
     """A FcddHsc with fixed min-max constants, so no data pass is needed."""
     torch.manual_seed(0)
-    model = FcddHsc(pre_trained=False, minmax="bottle", channels_last=variant.channels_last, visualizer=False)
+    model = FcddHsc(pre_trained=False, minmax="bottle", accelerate=variant.accelerate, visualizer=False)
     model.model.upsampler.separable = variant.separable_upsampling
-    model.model.fold_batchnorm = variant.fold_batchnorm
-    model.model.inplace_frozen_batchnorm = variant.inplace_frozen_batchnorm
-    model.model.indexless_max_pool = variant.indexless_max_pool
+    if not variant.fold_batchnorm:  # this trick alone off: the seam hands back the backbone as it is
+        model.model.acceleration.backbone = lambda features, training: features
     model.model.train()
     return model
 
@@ -136,27 +129,26 @@ def inference_macs_per_image(size: int = 224) -> float:
 def _variant_process(variant: Variant, batch: int, connection: Connection) -> None:
     """One variant in a process of its own, timing a step whenever the parent asks (``train`` / ``infer`` / ``stop``).
 
-    A process per variant keeps process-wide state apart: glibc's allocator settings (``reuse_host_memory``) and the
-    heap they leave behind would otherwise carry over from one variant's steps to the next one's.
+    A process per variant keeps process-wide state apart: the heap one variant's steps leave behind would otherwise
+    shape the next one's allocations.
     """
     generator = torch.Generator().manual_seed(0)
     train_images = torch.rand(batch, 3, 240, 240, generator=generator)
     test_images = torch.rand(batch, 3, 224, 224, generator=generator)
     model = build(variant)
     optimizer = torch.optim.SGD([p for p in model.model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    with reused_host_memory() if variant.reuse_host_memory else contextlib.nullcontext():
-        train_step(model, optimizer, train_images, variant.bf16)  # warm-up (oneDNN primitive creation)
-        connection.send("ready")
-        while (command := connection.recv()) != "stop":
-            if command == "infer" and model.model.training:
-                model.model.eval()
-                infer(model, test_images, variant.bf16)  # warm-up
-            start = time.perf_counter()
-            if command == "train":
-                train_step(model, optimizer, train_images, variant.bf16)
-            else:
-                infer(model, test_images, variant.bf16)
-            connection.send(batch / (time.perf_counter() - start))
+    train_step(model, optimizer, train_images, variant.bf16)  # warm-up (oneDNN primitive creation)
+    connection.send("ready")
+    while (command := connection.recv()) != "stop":
+        if command == "infer" and model.model.training:
+            model.model.eval()
+            infer(model, test_images, variant.bf16)  # warm-up
+        start = time.perf_counter()
+        if command == "train":
+            train_step(model, optimizer, train_images, variant.bf16)
+        else:
+            infer(model, test_images, variant.bf16)
+        connection.send(batch / (time.perf_counter() - start))
 
 
 def measure(variants: list[Variant], batch: int, rounds: int) -> dict[str, dict[str, float]]:
@@ -208,9 +200,9 @@ warnings.filterwarnings("ignore")
 from anomalib.engine import Engine
 from anomalib_fcdd import FcddHsc
 from anomalib_fcdd.data import MVTec
-root, category, out, reuse, batch = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "reuse", int(sys.argv[5])
+root, category, out, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 datamodule = MVTec(root=root, category=category, train_batch_size=batch, eval_batch_size=min(batch, 32), num_workers=2)
-model = FcddHsc(pre_trained=False, epochs=1, passes_per_epoch=1, visualizer=False, reuse_host_memory=reuse)
+model = FcddHsc(pre_trained=False, epochs=1, passes_per_epoch=1, visualizer=False)
 engine = Engine(default_root_dir=out, logger=False, accelerator="cpu", enable_progress_bar=False)
 start = time.perf_counter()
 engine.fit(model, datamodule=datamodule)
@@ -246,25 +238,22 @@ def _pss_kib(pid: int) -> int:
     return 0
 
 
-def full_category_memory(
-    root: Path, category: str, workdir: Path, reuse: bool = True, batch: int = 16
-) -> dict[str, float]:
+def full_category_memory(root: Path, category: str, workdir: Path, batch: int = 16) -> dict[str, float]:
     """Fit time and peak memory (GiB) of one pass over a category: RSS of the trainer and of its largest worker, and
     the peak over time of the summed PSS of the trainer and all its workers (``nan`` where ``/proc`` has no PSS)."""
-    mode = "reuse" if reuse else "no-reuse"
-    command = [sys.executable, "-c", CHILD, str(root), category, str(workdir), mode, str(batch)]
+    command = [sys.executable, "-c", CHILD, str(root), category, str(workdir), str(batch)]
     peak_pss = 0
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
         deadline = time.monotonic() + 3600
         while process.poll() is None:
             if time.monotonic() > deadline:
                 process.kill()
-                raise RuntimeError(f"the memory run ({mode}, batch {batch}) took over an hour")
+                raise RuntimeError(f"the memory run (batch {batch}) took over an hour")
             peak_pss = max(peak_pss, sum(_pss_kib(pid) for pid in [process.pid, *_descendants(process.pid)]))
             time.sleep(PSS_INTERVAL)
         stdout, stderr = process.communicate()
     if process.returncode != 0:
-        raise RuntimeError(f"the memory run ({mode}, batch {batch}) failed:\n{stderr[-3000:]}")
+        raise RuntimeError(f"the memory run (batch {batch}) failed:\n{stderr[-3000:]}")
     values = {}
     for line in stdout.splitlines():
         key, _, value = line.partition(" ")
@@ -302,32 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     auto = resolve_precision("auto", "cpu") == "bf16-mixed"
     precision = "bf16" if auto else "fp32"
     variants = [
-        Variant(
-            "reference-like (fp32, NCHW, 2-D upsampling kernel, BN unfolded)",
-            False,
-            False,
-            separable_upsampling=False,
-            fold_batchnorm=False,
-            inplace_frozen_batchnorm=False,
-            indexless_max_pool=False,
-            reuse_host_memory=False,
-        ),
-        Variant(
-            f"default without host memory reuse ({precision}, channels-last, frozen BN in place, pools without "
-            "indices, BN folded at inference)",
-            auto,
-            True,
-            reuse_host_memory=False,
-        ),
-        Variant(
-            f"default ({precision}, channels-last, frozen BN in place, pools without indices, BN folded at inference, "
-            "host memory reused)",
-            auto,
-            True,
-        ),
+        Variant("reference-like (fp32, NCHW, 2-D upsampling kernel, BN unfolded)", False, False, False),
+        Variant(f"default ({precision}, accelerate: channels-last + BN folded at inference)", auto, True),
+        Variant(f"default without BN folding ({precision}, channels-last)", auto, True, fold_batchnorm=False),
+        Variant(f"default without accelerate ({precision}, NCHW, BN unfolded)", auto, False),
+        Variant(f"default with the 2-D upsampling kernel ({precision}, accelerate)", auto, True, False),
     ]
-    if not auto and args.include_emulated_bf16:
-        variants.append(Variant("bf16 forced (emulated here), channels-last", bf16=True, channels_last=True))
+    if auto:
+        variants.append(Variant("default in fp32 (accelerate)", False, True))
+    elif args.include_emulated_bf16:
+        variants.append(Variant("bf16 forced (emulated here), accelerate", True, True))
     speeds = measure(variants, args.batch, args.rounds)
     base = speeds[variants[0].name]
     lines = [
@@ -353,24 +326,20 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "fcdd_bench_memory"
         lines += [
             "",
-            f"Full-category training ({args.category}, one pass and one validation, 2 workers, through Engine, the "
-            "default against `reuse_host_memory=False`, one after the other; batch 128 is the paper's, validation "
-            "batch 32 there). A worker's RSS counts the pages it shares with the process it was forked from; the "
-            "whole run's host memory is the peak of its processes' summed PSS (shared pages counted once), sampled "
-            f"every {PSS_INTERVAL} s from outside:",
+            f"Full-category training ({args.category}, one pass and one validation, 2 workers, through Engine; batch "
+            "128 is the paper's, validation batch 32 there). A worker's RSS counts the pages it shares with the "
+            "process it was forked from; the whole run's host memory is the peak of its processes' summed PSS (shared "
+            f"pages counted once), sampled every {PSS_INTERVAL} s from outside:",
             "",
-            "| batch | host memory | fit s | peak RSS main (GiB) | peak RSS largest worker (GiB) | peak PSS, all "
-            "processes (GiB) |",
-            "|---|---|---|---|---|---|",
+            "| batch | fit s | peak RSS main (GiB) | peak RSS largest worker (GiB) | peak PSS, all processes (GiB) |",
+            "|---|---|---|---|---|",
         ]
         for batch in args.memory_batches:
-            for reuse in (True, False):
-                memory = full_category_memory(args.mvtec_root, args.category, workdir, reuse, batch)
-                lines.append(
-                    f"| {batch} | {'reused (default)' if reuse else 'returned (glibc default)'} "
-                    f"| {memory['fit_seconds']:.1f} | {memory['main_gib']:.2f} | {memory['worker_gib']:.2f} "
-                    f"| {memory['total_pss_gib']:.2f} |"
-                )
+            memory = full_category_memory(args.mvtec_root, args.category, workdir, batch)
+            lines.append(
+                f"| {batch} | {memory['fit_seconds']:.1f} | {memory['main_gib']:.2f} | {memory['worker_gib']:.2f} "
+                f"| {memory['total_pss_gib']:.2f} |"
+            )
     text = "\n".join(lines) + "\n"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)

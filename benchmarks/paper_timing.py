@@ -11,7 +11,7 @@ training, 20 good and 63 defective test images). Decoding and compute cost the s
 run mean nothing and are not reported.
 
     python -m benchmarks.paper_timing [--mvtec-root DIR | --synthetic] [--category bottle] [--epochs 50]
-        [--passes-per-epoch 10] [--batch-size 128] [--num-workers N] [--no-continuous-passes] [--output FILE]
+        [--passes-per-epoch 10] [--batch-size 128] [--num-workers N] [--output FILE]
 
 Appends a section (command, date, machine, settings, figures) to ``benchmarks/results/paper_timing.md``.
 """
@@ -89,7 +89,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--continuous-passes", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=RESULTS)
     return parser.parse_args(argv)
@@ -135,7 +134,6 @@ def run(args: argparse.Namespace, data_root: Path, work: Path) -> dict[str, Any]
     model, datamodule = seeded_model_and_data(
         args,
         root=data_root,
-        datamodule_kwargs={"continuous_passes": args.continuous_passes},
         precision=args.precision,
         visualizer=False,
     )
@@ -185,8 +183,7 @@ def report(args: argparse.Namespace, figures: dict[str, Any], argv: list[str]) -
         f"- command: `python -m benchmarks.paper_timing {' '.join(argv)}`",
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {machine()}",
-        f"- accelerator: {figures['accelerator']}, precision {figures['precision']}, {args.num_workers} workers, "
-        f"continuous passes {'on' if args.continuous_passes else 'off'}",
+        f"- accelerator: {figures['accelerator']}, precision {figures['precision']}, {args.num_workers} workers",
         "",
         "| fit (s) | of which validation (s) | training img/s | s per pass | test (s) | peak GPU memory (GiB) "
         "| peak host RSS main / worker (GiB) |",

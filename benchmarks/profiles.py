@@ -13,7 +13,7 @@ Profiles:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 #: Supervision settings of the paper (sec. 4): synthetic confetti only, or one real anomaly per defect type.
 UNSUPERVISED = "unsupervised"
@@ -194,8 +194,3 @@ def get_profile(name: str) -> Profile:
     if name not in PROFILES:
         raise KeyError(f"Unknown profile {name!r}; available: {sorted(PROFILES)}.")
     return PROFILES[name]
-
-
-def with_seeds(profile: Profile, seeds: tuple[int, ...]) -> Profile:
-    """The same profile with other seeds (``--seeds`` on the command line)."""
-    return replace(profile, seeds=tuple(seeds))

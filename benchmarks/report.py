@@ -27,7 +27,7 @@ from .profiles import PROFILES, Profile
 logger = logging.getLogger("benchmarks.report")
 
 PAPER_NUMBERS = Path(__file__).resolve().parent / "paper_numbers.csv"
-#: FCDD loss in this plugin -> the paper's column name (fcdd-method.md sec. 8b/8c).
+#: FCDD loss in this plugin -> the paper's column name (the paper's sec. 5 tables).
 PAPER_LOSS_NAMES = {"per_image": "baseline", "pixel_balanced": "proposed"}
 COST_COLUMNS = {
     "train_time_s": "train time (s)",
@@ -237,7 +237,7 @@ def paper_section(frame: pd.DataFrame, paper_csv: Path = PAPER_NUMBERS) -> str:
         "## Compared with the paper",
         "",
         "Published numbers: Bertoldo et al., 6 runs per cell, transcribed in `benchmarks/paper_numbers.csv` from "
-        "fcdd-method.md sec. 8b (pixel AUROC) and 8c (pixel AP). The paper's *baseline* is the loss run as "
+        "the paper's sec. 5 tables (pixel AUROC, pixel AP). The paper's *baseline* is the loss run as "
         "`pixel-wise-averages-per-image` (this plugin's `per_image`), *proposed* is eq. (5) (`pixel_balanced`).",
     ]
     if ours.empty:
@@ -301,14 +301,13 @@ def _differences_text(frame: pd.DataFrame) -> str:
     lines += [
         "- **Evaluation resolution**: anomalib computes pixel metrics at the model's input resolution (`input size` "
         "above), against masks resized with the images (nearest neighbour); the paper's AUROC used the original mask "
-        "resolution (700-1024 px, nearest-upsampled heatmaps) and its AP a 224 x 224 re-evaluation (fcdd-method.md "
-        "sec. 7).",
+        "resolution (700-1024 px, nearest-upsampled heatmaps) and its AP a 224 x 224 re-evaluation.",
         "- **AUROC computation**: the paper's final AUROC interpolated the ROC onto 3000 thresholds; anomalib's is "
         "exact. anomalib's AUPR is the step-wise average precision, like sklearn's `average_precision_score` used "
         "for the paper's AP.",
         "- **Semi-supervised test set**: the training anomalies (one per defect type, chosen per seed) are removed "
         "from the test set here (`MVTecFewAnomalies(keep_in_test=False)`, as the paper's text says); the paper's "
-        "code kept them, which inflates its semi-supervised numbers slightly (fcdd-method.md sec. 4c).",
+        "code kept them, which inflates its semi-supervised numbers slightly.",
         "- **Seeds and sample size**: the paper ran 6 unseeded repetitions on 15 categories; fewer seeds give noisier "
         "means, and fewer categories give the Wilcoxon tests little or no power (see the p floor above).",
         "- **Scores**: metrics rank raw scores (normalisation and thresholding off, then a strictly increasing "

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from anomalib_fcdd.data import make_synthetic_mvtec
-from anomalib_fcdd.models.fcdd import weights as weights_module
+from anomalib_fcdd.models.fcdd.backbones import weights as weights_module
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -21,10 +21,10 @@ from torch.nn import functional as F  # noqa: N812
 from anomalib_fcdd.baselines import build_baseline, build_padim, build_patchcore
 from anomalib_fcdd.data import MVTec, make_synthetic_mvtec
 from anomalib_fcdd.models import FcddHsc
-from anomalib_fcdd.models.fcdd import offline_weights
 from anomalib_fcdd.models.fcdd.backbones import BACKBONES, build_backbone, derive_receptive_field
+from anomalib_fcdd.models.fcdd.backbones import efficientnet_lite as offline_weights
+from anomalib_fcdd.models.fcdd.backbones.weights import WeightsError, sha256_of
 from anomalib_fcdd.models.fcdd.torch_model import FcddModel
-from anomalib_fcdd.models.fcdd.weights import WeightsError, sha256_of
 
 ALL = ("vgg11_bn", "resnet18", "wide_resnet50_2", "efficientnet_lite0")
 CHANNELS = {"vgg11_bn": 512, "resnet18": 128, "wide_resnet50_2": 512, "efficientnet_lite0": 40}

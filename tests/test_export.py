@@ -28,7 +28,7 @@ from anomalib_fcdd import FcddHsc
 from anomalib_fcdd.data import MVTec, make_synthetic_mvtec
 from anomalib_fcdd.deploy import VARIANTS, export_all
 from anomalib_fcdd.deploy import predict as predict_module
-from anomalib_fcdd.models.fcdd.weights import WeightsError
+from anomalib_fcdd.models.fcdd.backbones.weights import WeightsError
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 REPO_ROOT = Path(__file__).resolve().parents[1]

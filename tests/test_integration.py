@@ -141,9 +141,7 @@ def test_every_config_runs_briefly(config: str, synthetic_root: Path, tmp_path: 
     for name in METRICS:
         assert name in metrics
     semi_supervised = config.startswith("semi")
-    assert cli.model._real_anomalies == semi_supervised, (
-        "real anomalies are used exactly in the semi-supervised setting"
-    )
+    assert cli.model.real_anomalies == semi_supervised, "real anomalies are used exactly in the semi-supervised setting"
     if semi_supervised:
         assert len(cli.datamodule.training_anomalies) == 2  # one per defect type (scratch, stain)
 

@@ -87,7 +87,7 @@ def test_real_anomalies_replace_confetti() -> None:
     images, masks = model.training_inputs(batch)
     assert torch.equal(images, batch.image), "no confetti drawn on a batch with real anomalies"
     assert torch.equal(masks[:, 0], batch.gt_mask)
-    model._real_anomalies = True  # set by on_train_start for MVTecFewAnomalies
+    model.real_anomalies = True  # set by on_train_start for MVTecFewAnomalies
     images, masks = model.training_inputs(make_batch([False, False], size=64))
     assert not masks.any(), "in the semi-supervised setting an all-normal batch still gets no confetti"
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from benchmarks import bench_loading, bench_training, paper_timing
+from benchmarks import bench_training, paper_timing
 
 
+@pytest.mark.slow
 def test_paper_timing_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     output = tmp_path / "timing.md"
     argv = [
@@ -37,7 +38,6 @@ def test_paper_timing_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert fit > validation > 0
     assert images_per_second > 0
     assert seconds_per_pass > 0
-    assert "not on an H200" in text
     assert "paper epoch 2:" in capsys.readouterr().out
 
 
@@ -60,20 +60,7 @@ def test_paper_timing_names_a_missing_dataset(tmp_path: Path, capsys: pytest.Cap
     assert "nowhere" in capsys.readouterr().err
 
 
-def test_loading_benchmark_times_both_loaders(synthetic_root: Path, tmp_path: Path) -> None:
-    output = tmp_path / "loading.md"
-    argv = ["--mvtec-root", str(synthetic_root), "--category", "synthetic", "--batch-size", "4", "--num-workers", "1"]
-    assert bench_loading.main([*argv, "--passes", "2", "--rounds", "1", "--output", str(output)]) == 0
-    text = output.read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| DataLoader") or line.startswith("| Continuous")]
-    assert len(rows) == 2
-    for row in rows:
-        seconds, images_per_second = (float(cell) for cell in row.split("|")[2:4])
-        assert seconds > 0
-        assert images_per_second == pytest.approx(16 / seconds, rel=0.05)
-    assert "16 training images per pass" in text
-
-
+@pytest.mark.slow
 def test_training_benchmark_times_every_variant(tmp_path: Path) -> None:
     output = tmp_path / "training.md"
     argv = ["--batch", "2", "--rounds", "1", "--skip-memory", "--no-readme", "--output", str(output)]
@@ -83,11 +70,7 @@ def test_training_benchmark_times_every_variant(tmp_path: Path) -> None:
         for line in output.read_text().splitlines()
         if line.startswith("| reference") or line.startswith("| default")
     ]
-    assert [row.split("|")[1].split("(")[0].strip() for row in rows] == [
-        "reference-like",
-        "default without host memory reuse",
-        "default",
-    ]
+    assert len(rows) >= 5  # the reference, the default, and one row per trick switched off
     figures = [[float(cell) for cell in row.split("|")[2:6]] for row in rows]
     base_train, _, base_infer, _ = figures[0]
     for train, train_ratio, infer, infer_ratio in figures:
@@ -100,8 +83,9 @@ def test_training_benchmark_times_every_variant(tmp_path: Path) -> None:
         )  # from figures rounded to 2 decimals
 
 
+@pytest.mark.slow
 def test_full_category_memory_reports_fit_time_rss_and_pss(synthetic_root: Path, tmp_path: Path) -> None:
-    memory = bench_training.full_category_memory(synthetic_root, "synthetic", tmp_path, reuse=True, batch=8)
+    memory = bench_training.full_category_memory(synthetic_root, "synthetic", tmp_path, batch=8)
     assert memory["fit_seconds"] > 0
     assert 0.2 < memory["main_gib"] < 8, "torch alone is a few hundred MiB resident"
     assert memory["worker_gib"] > 0, "two DataLoader workers ran"

@@ -11,7 +11,7 @@ import torch
 from torchvision.models import vgg11_bn
 
 from anomalib_fcdd import FcddHsc
-from anomalib_fcdd.models.fcdd.weights import WeightsError, load_state_dict_file
+from anomalib_fcdd.models.fcdd.backbones.weights import WeightsError, load_state_dict_file
 
 
 @pytest.fixture(scope="module")

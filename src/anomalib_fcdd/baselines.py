@@ -26,7 +26,7 @@ from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from .models.fcdd.offline_weights import (
+from .models.fcdd.backbones.efficientnet_lite import (
     EFFICIENTNET_LITE0_MEAN,
     EFFICIENTNET_LITE0_STD,
     TIMM_ARCH,

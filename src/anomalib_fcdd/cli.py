@@ -130,14 +130,14 @@ def _is_fcdd(class_path: str | None) -> bool:
         return False
     import importlib
 
-    from .models.fcdd.lightning_model import _FcddLogic
+    from .models.fcdd.lightning_model import FcddHsc
 
     module, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
         return False
-    return isinstance(cls, type) and issubclass(cls, _FcddLogic)
+    return isinstance(cls, type) and issubclass(cls, FcddHsc)
 
 
 def _report(error: UserInputError) -> None:

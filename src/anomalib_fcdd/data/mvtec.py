@@ -23,7 +23,6 @@ import torch
 from anomalib.data import MVTecAD
 from torch.utils.data import DataLoader, Dataset
 
-from .loading import ContinuousPassLoader
 from .validation import DatasetError, validate_mvtec_layout
 
 logger = logging.getLogger(__name__)
@@ -36,10 +35,6 @@ class MVTec(MVTecAD):
         download: fetch MVTec-AD when ``root/category`` is missing (needs internet). Off by default, so a wrong path
             is reported instead of starting a 5 GB download.
         validate: check the layout, images and masks before training (a few seconds per category).
-        continuous_passes: serve training and validation batches from :class:`~.loading.ContinuousPassLoader` s,
-            whose workers prefetch the next pass while the current one trains (and the next validation during
-            training); every epoch is still exactly one shuffled pass, and validation sees anomalib's order.
-            ``False`` gives anomalib's plain ``DataLoader`` s (restarted every epoch).
         **kwargs: everything ``anomalib.data.MVTecAD`` accepts.
     """
 
@@ -52,7 +47,6 @@ class MVTec(MVTecAD):
         num_workers: int = 8,
         download: bool = False,
         validate: bool = True,
-        continuous_passes: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -65,8 +59,6 @@ class MVTec(MVTecAD):
         )
         self.download = download
         self.validate = validate
-        self.continuous_passes = continuous_passes
-        self._continuous_loaders: dict[str, ContinuousPassLoader] = {}
         self._validated = False
 
     def prepare_data(self) -> None:
@@ -90,60 +82,29 @@ class MVTec(MVTecAD):
         self._check()
         super()._setup(_stage)
 
-    def train_dataloader(self) -> DataLoader | ContinuousPassLoader:
-        """Shuffled passes over the normal training images (see ``continuous_passes``)."""
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled passes over the normal training images."""
         return self._training_loader(self.train_data)
 
-    def val_dataloader(self) -> DataLoader | ContinuousPassLoader:
-        """The validation images in anomalib's order; with ``continuous_passes`` decoded ahead, during training."""
-        if not self.continuous_passes or len(self.val_data) == 0:
+    def val_dataloader(self) -> DataLoader:
+        """The validation images in anomalib's order, from workers that outlive each validation."""
+        if len(self.val_data) == 0:
             return super().val_dataloader()
-        return self._continuous_loader("val", self.val_data, self.eval_batch_size, shuffle=False)
+        return self._loader(self.val_data, self.eval_batch_size, shuffle=False)
 
-    def _training_loader(self, dataset: Dataset) -> DataLoader | ContinuousPassLoader:
-        if not self.continuous_passes:
-            return DataLoader(
-                dataset,
-                batch_size=self.train_batch_size,
-                shuffle=True,
-                num_workers=self.num_workers,
-                collate_fn=self.external_collate_fn or self.train_data.collate_fn,
-            )
-        return self._continuous_loader("train", dataset, self.train_batch_size, shuffle=True)
+    def _training_loader(self, dataset: Dataset) -> DataLoader:
+        return self._loader(dataset, self.train_batch_size, shuffle=True)
 
-    def _continuous_loader(self, role: str, dataset: Dataset, batch_size: int, shuffle: bool) -> ContinuousPassLoader:
-        """A :class:`ContinuousPassLoader` for ``role``, replacing (and stopping) the one handed out before.
-
-        One loader per role at a time: a trainer that asks again (``reload_dataloaders_every_n_epochs``) drops the old
-        one, whose workers would otherwise live on here until teardown. Each worker holds one batch ahead
-        (``prefetch_factor=1``), so at most ``num_workers`` batches are in flight; the validation loader gets no more
-        workers than a pass has batches, so it decodes at most one validation ahead.
-        """
-        self._close_loaders(role)
-        workers = self.num_workers
-        if role == "val":
-            workers = min(workers, -(-len(dataset) // batch_size))  # type: ignore[arg-type]
-        loader = ContinuousPassLoader(
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        """A ``DataLoader`` whose workers persist across epochs (FCDD runs hundreds of short passes)."""
+        return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
-            num_workers=workers,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
             collate_fn=self.external_collate_fn or getattr(dataset, "collate_fn", self.train_data.collate_fn),
-            **({"prefetch_factor": 1} if workers > 0 else {}),
         )
-        self._continuous_loaders[role] = loader
-        return loader
-
-    def teardown(self, stage: str) -> None:
-        """After fitting, stop the loaders' workers, which would otherwise idle through testing with their batches."""
-        super().teardown(stage)
-        for role in list(self._continuous_loaders):
-            self._close_loaders(role)
-
-    def _close_loaders(self, role: str) -> None:
-        loader = self._continuous_loaders.pop(role, None)
-        if loader is not None:
-            loader.close()
 
 
 class MVTecFewAnomalies(MVTec):
@@ -151,7 +112,7 @@ class MVTecFewAnomalies(MVTec):
 
     Args:
         anomalies_per_defect: images moved per defect type (``k``; 1 in the paper).
-        keep_in_test: also keep the moved images in the test set, as the paper's runs did (fcdd-method.md sec. 4c).
+        keep_in_test: also keep the moved images in the test set, as the paper's published runs did.
             By default they are removed, so they cannot inflate the test metrics.
         selection_seed: seed of the random choice; the same seed always picks the same files.
         anomaly_probability: chance that a training sample is replaced by one of the real anomalies.
@@ -200,7 +161,7 @@ class MVTecFewAnomalies(MVTec):
             self.training_anomalies,
         )
 
-    def train_dataloader(self) -> DataLoader | ContinuousPassLoader:
+    def train_dataloader(self) -> DataLoader:
         """Normal images, each replaced with probability ``anomaly_probability`` by a random real anomaly."""
         # The anomaly pool was split off before anomalib attached the model's resize to the training set; share it so
         # that normal and anomalous images arrive at the same size.

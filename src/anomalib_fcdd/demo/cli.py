@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rich.markup import escape
 
     from anomalib_fcdd.data import DatasetError
-    from anomalib_fcdd.models.fcdd.weights import WeightsError
+    from anomalib_fcdd.models.fcdd.backbones import WeightsError
 
     console = Console()
     try:

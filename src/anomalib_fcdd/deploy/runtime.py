@@ -49,22 +49,6 @@ class OpenVINOModel:
         return {output.any_name: np.array(results[output]) for output in self.compiled.outputs}
 
 
-class OnnxRuntimeModel:
-    """An ONNX Runtime CPU session called like :class:`OpenVINOModel`."""
-
-    def __init__(self, path: Path | str) -> None:
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_names = [output.name for output in self.session.get_outputs()]
-
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Run one batch."""
-        values = self.session.run(None, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})
-        return dict(zip(self.output_names, values, strict=True))
-
-
 @dataclass(frozen=True)
 class Machine:
     """Where a measurement ran."""

@@ -1,7 +1,7 @@
 """Confetti noise: FCDD's synthetic anomalies, vectorised over a batch on its own device.
 
 A confetti anomaly is a handful of randomly placed, sized, rotated and coloured squares superposed on a normal image
-(FCDD, ICLR 2021; fcdd-method.md sec. 4). Per image, two kinds of blobs are drawn and summed:
+(FCDD, ICLR 2021; the paper's sec. 4 and Fig. 2). Per image, two kinds of blobs are drawn and summed:
 
 * "coloured" blobs: ~1.04 expected (per-pixel centre probability 1.8e-5 at 240 x 240), each channel darkened by an
   integer uniform in [-256, -1];

@@ -1,6 +1,6 @@
 """The reference's training augmentation (``lcnaug1``), vectorised over a batch on its own device.
 
-Order, per image (fcdd-method.md sec. 5), applied after the anomaly has been drawn at 240 x 240:
+Order, per image (the paper's sec. 4), applied after the anomaly has been drawn at 240 x 240:
 
 1. jointly on image and mask: 50/50 a random 224 crop or a nearest-neighbour resize to 224;
 2. 50/50 one of two colour jitters, ``ColorJitter(0.04, 0.04, 0.04, 0.04)`` or ``ColorJitter(0.005, 5e-4, 5e-4, 5e-4)``;

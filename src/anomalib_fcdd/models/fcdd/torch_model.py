@@ -19,13 +19,10 @@ import torch
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from .anomaly_map import ReceptiveFieldUpsampler
-from .backbones import build_backbone, derive_receptive_field
-from .batchnorm_folding import FoldedFeaturesCache
-from .frozen_batchnorm import inplace_batchnorm_indices
-from .lean_features import run_features
-from .preprocessing import InputNormalization
-from .weights import WeightsError
+from .acceleration import Acceleration
+from .anomaly_map import ReceptiveField, ReceptiveFieldUpsampler
+from .backbones import WeightsError, build_backbone, derive_receptive_field
+from .pre_processing import InputNormalization
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +41,7 @@ def pseudo_huber(phi: torch.Tensor) -> torch.Tensor:
 
 
 class FcddModel(nn.Module):
-    """The FCDD network.
+    """The FCDD network: ``A = upsample(pseudo_huber(head(backbone(normalise(x)))))`` (the paper's sec. 3).
 
     Args:
         backbone: feature extractor name (see :mod:`.backbones`).
@@ -58,17 +55,8 @@ class FcddModel(nn.Module):
         frozen_bn_train_mode: keep the frozen BatchNorm layers in train mode while training, so they use batch
             statistics and keep adapting their running statistics, as the reference does. ``False`` freezes them
             fully (eval mode).
-        channels_last: keep weights and activations in NHWC memory layout, which oneDNN and cuDNN convolutions run
-            faster; results are identical up to float rounding.
-        fold_batchnorm: in eval mode without autograd (testing, prediction), run a copy of the backbone with each
-            ``Conv2d -> BatchNorm2d`` pair folded into one convolution (:mod:`.batchnorm_folding`): the same function
-            up to float rounding, with one pass over the activations less per BN layer. Exports trace the original
-            layers (OpenVINO folds them itself).
-        inplace_frozen_batchnorm: on CPU, let the frozen ``Conv2d -> BatchNorm2d`` pairs normalise into the
-            convolution's output (:mod:`.frozen_batchnorm`): bit-identical, with one activation allocation less each.
-        indexless_max_pool: on CPU, run the 2 x 2 max-pools that no gradient flows through (the frozen layers in
-            training, all of them at inference) without their int64 argmax indices (:mod:`.max_pooling`): the same
-            values, and at batch 128 about 0.8 GB less at peak host memory.
+        accelerate: channels-last layout and BN folding at inference (:mod:`.acceleration`); the same function up
+            to float rounding.
     """
 
     def __init__(
@@ -80,45 +68,43 @@ class FcddModel(nn.Module):
         gauss_std: float = 12.0,
         minmax: str | list[float] | None = None,
         frozen_bn_train_mode: bool = True,
-        channels_last: bool = True,
-        fold_batchnorm: bool = True,
-        inplace_frozen_batchnorm: bool = True,
-        indexless_max_pool: bool = True,
+        accelerate: bool = True,
     ) -> None:
         super().__init__()
-        self.channels_last = channels_last
-        self.fold_batchnorm = fold_batchnorm
-        self.inplace_frozen_batchnorm = inplace_frozen_batchnorm
-        self.indexless_max_pool = indexless_max_pool
-        self._folded = FoldedFeaturesCache()
+        self.backbone_name = backbone
+        self.acceleration = Acceleration(accelerate)
         self.normalization = InputNormalization(minmax)
         built = build_backbone(backbone, pre_trained, weights_path, frozen_modules)
         self.features = built.features
+        self.head = nn.Conv2d(built.out_channels, 1, kernel_size=1, bias=True)
+        self.upsampler = ReceptiveFieldUpsampler(derive_receptive_field(self.features), gauss_std)
         self.missing_weights = built.missing_weights
         if self.missing_weights is not None:
             # Offline without the ImageNet file: fine when a checkpoint is about to supply every backbone weight
             # (load_from_checkpoint, anomalib export/test --ckpt_path); otherwise the first use raises the error.
             self.features.register_load_state_dict_pre_hook(self._clear_missing_weights_if_covered)
             logger.info("FCDD: %s backbone weights deferred until a checkpoint is loaded.", backbone)
-        self.head = nn.Conv2d(built.out_channels, 1, kernel_size=1, bias=True)
-        self.receptive_field = derive_receptive_field(self.features)
-        self.upsampler = ReceptiveFieldUpsampler(self.receptive_field, gauss_std)
         self.frozen_bn_train_mode = frozen_bn_train_mode
         self._frozen_batchnorms: list[nn.Module] = []
         for module in built.frozen:
-            for parameter in module.parameters():
-                parameter.requires_grad_(False)
+            module.requires_grad_(False)
             self._frozen_batchnorms += [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        self._inplace_batchnorms = inplace_batchnorm_indices(self.features, self._frozen_batchnorms)
-        if channels_last:
-            self.to(memory_format=torch.channels_last)
+        self.register_load_state_dict_post_hook(_forget_folded_backbone)
+        self.acceleration.prepare(self)
+
+    @property
+    def receptive_field(self) -> ReceptiveField:
+        """Receptive field of one low-resolution pixel (size, stride, offset in input pixels)."""
+        return self.upsampler.receptive_field
 
     def train(self, mode: bool = True) -> FcddModel:
         """Switch modes; frozen BatchNorm layers stay in eval mode unless ``frozen_bn_train_mode``."""
         super().train(mode)
-        if mode and not self.frozen_bn_train_mode:
-            for module in self._frozen_batchnorms:
-                module.eval()
+        if mode:
+            self.acceleration.forget()
+            if not self.frozen_bn_train_mode:
+                for module in self._frozen_batchnorms:
+                    module.eval()
         return self
 
     def _clear_missing_weights_if_covered(
@@ -130,7 +116,7 @@ class FcddModel(nn.Module):
             self.missing_weights = None
 
     def require_weights(self) -> None:
-        """Raise the deferred :class:`~.weights.WeightsError` when pretrained weights were asked for but never came."""
+        """Raise the deferred :class:`WeightsError` when pretrained weights were asked for but never came."""
         if self.missing_weights is not None:
             raise WeightsError(
                 f"{self.missing_weights}\n(The model was built without them so that a checkpoint could supply every "
@@ -145,53 +131,23 @@ class FcddModel(nn.Module):
                 f"FCDD expects RGB image batches of shape B x 3 x H x W with values in [0, 1], got "
                 f"{tuple(images.shape)}. Convert grayscale or RGBA images to RGB first (PIL: image.convert('RGB'))."
             )
-        normalised = self.normalization(images)
-        if self.channels_last and not torch.compiler.is_exporting():
-            normalised = normalised.contiguous(memory_format=torch.channels_last)
-        features = self.inference_features()
-        inplace = frozenset()
-        if features is self.features and getattr(self, "inplace_frozen_batchnorm", False):
-            inplace = self._inplace_batchnorms
-        indexless = getattr(self, "indexless_max_pool", False)
-        return pseudo_huber(self.head_output(run_features(features, normalised, inplace, indexless)))
+        normalised = self.acceleration.input(self.normalization(images))
+        backbone = self.acceleration.backbone(self.features, self.training)
+        return pseudo_huber(self.head_output(backbone(normalised)))
 
     def head_output(self, features: torch.Tensor) -> torch.Tensor:
         """``phi``, the 1x1 head's output, in fp32: every score is its pseudo-Huber distance to the origin.
 
         Under bf16 autocast a conv rounds its output to bf16 (8 significant bits: the low-resolution map of one image
-        falls into a few hundred distinct values). At inference the head therefore runs in fp32 on the (exact) bf16
-        features, at C multiply-adds per output pixel. While training it stays in bf16 like the rest of the network:
-        an fp32 head would keep its fp32 input for the backward pass (0.2 GB more at a batch-128 step).
+        would fall into a few hundred distinct values). At inference the head therefore runs in fp32 on the (exact)
+        bf16 features. While training it stays in bf16 like the rest of the network, since an fp32 head would keep
+        an fp32 copy of its input for the backward pass.
         """
         device_type = features.device.type
         if not torch.is_grad_enabled() and torch.is_autocast_enabled(device_type):
             with torch.autocast(device_type, enabled=False):
                 return self.head(features.float())
         return self.head(features).float()
-
-    def inference_features(self) -> nn.Module:
-        """The backbone to run now: its BN-folded copy when that is safe and asked for, else ``features`` itself.
-
-        Safe means eval mode with autograd off (no gradient may need to reach the original weights) and no tracing
-        (exports and ``torch.compile`` see the plain layers).
-        """
-        if (
-            self.fold_batchnorm
-            and not self.training
-            and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-            and not torch.compiler.is_exporting()
-        ):
-            folded = self._folded.get(self.features, self.channels_last)
-            if folded is not None:
-                return folded
-        return self.features
-
-    def __getstate__(self) -> dict:
-        """Pickle without the folded copy (``to_torch`` exports stay the size of the weights); rebuilt on use."""
-        state = self.__dict__.copy()
-        state["_folded"] = FoldedFeaturesCache()
-        return state
 
     def forward(self, images: torch.Tensor) -> FcddTrainOutput | InferenceBatch:
         """Train mode: :class:`FcddTrainOutput`; eval mode: ``InferenceBatch(pred_score, anomaly_map)``."""
@@ -200,3 +156,9 @@ class FcddModel(nn.Module):
         if self.training:
             return FcddTrainOutput(low_res=low_res, anomaly_map=anomaly_map)
         return InferenceBatch(pred_score=low_res.mean(dim=(1, 2, 3)), anomaly_map=anomaly_map)
+
+
+def _forget_folded_backbone(module: FcddModel, incompatible_keys: object) -> None:
+    """``load_state_dict`` post-hook: new weights make the folded inference backbone stale."""
+    del incompatible_keys
+    module.acceleration.forget()

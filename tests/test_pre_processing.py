@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from anomalib_fcdd.errors import ConfigurationError
-from anomalib_fcdd.models.fcdd.preprocessing import (
+from anomalib_fcdd.models.fcdd.pre_processing import (
     MVTEC_MINMAX,
     InputNormalization,
     MinMaxAccumulator,

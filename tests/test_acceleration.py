@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from anomalib_fcdd.models.fcdd import performance
+from anomalib_fcdd.models.fcdd import acceleration
 from anomalib_fcdd.models.fcdd.anomaly_generator import ConfettiAnomalyGenerator
 from anomalib_fcdd.models.fcdd.anomaly_map import ReceptiveField, ReceptiveFieldUpsampler
 from anomalib_fcdd.models.fcdd.augmentation import FcddAugmentation
@@ -19,19 +19,19 @@ def test_native_bf16_detection_reads_cpu_flags(tmp_path: Path) -> None:
     amx.write_text("processor : 0\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n")
     avx2 = tmp_path / "avx2"
     avx2.write_text("processor : 0\nflags\t\t: fpu sse avx2 fma\n")
-    assert performance.cpu_has_native_bf16(str(amx))
-    assert not performance.cpu_has_native_bf16(str(avx2))
-    assert not performance.cpu_has_native_bf16(str(tmp_path / "missing"))
+    assert acceleration.cpu_has_native_bf16(str(amx))
+    assert not acceleration.cpu_has_native_bf16(str(avx2))
+    assert not acceleration.cpu_has_native_bf16(str(tmp_path / "missing"))
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(performance.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(performance, "cpu_has_native_bf16", lambda: True)
-    assert performance.resolve_precision("auto") == "bf16-mixed"
-    monkeypatch.setattr(performance, "cpu_has_native_bf16", lambda: False)
-    assert performance.resolve_precision("auto") == "32-true"
-    assert performance.resolve_precision("bf16-mixed") == "bf16-mixed"
-    assert performance.resolve_precision("32-true") == "32-true"
+    monkeypatch.setattr(acceleration.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(acceleration, "cpu_has_native_bf16", lambda: True)
+    assert acceleration.resolve_precision("auto") == "bf16-mixed"
+    monkeypatch.setattr(acceleration, "cpu_has_native_bf16", lambda: False)
+    assert acceleration.resolve_precision("auto") == "32-true"
+    assert acceleration.resolve_precision("bf16-mixed") == "bf16-mixed"
+    assert acceleration.resolve_precision("32-true") == "32-true"
 
 
 def test_upsampler_stays_fp32_under_bf16_autocast() -> None:
@@ -45,8 +45,8 @@ def test_upsampler_stays_fp32_under_bf16_autocast() -> None:
 
 def test_channels_last_gives_the_same_maps() -> None:
     torch.manual_seed(0)
-    fast = FcddModel(pre_trained=False, minmax="bottle", channels_last=True).eval()
-    plain = FcddModel(pre_trained=False, minmax="bottle", channels_last=False).eval()
+    fast = FcddModel(pre_trained=False, minmax="bottle", accelerate=True).eval()
+    plain = FcddModel(pre_trained=False, minmax="bottle", accelerate=False).eval()
     plain.load_state_dict(fast.state_dict())
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
@@ -76,7 +76,7 @@ def test_bf16_inference_scores_come_from_an_fp32_head() -> None:
     images = torch.rand(2, 3, 96, 96)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         low = model.low_resolution_map(images)
-        features = model.inference_features()(model.normalization(images))
+        features = model.acceleration.backbone(model.features, training=False)(model.normalization(images))
     assert features.dtype == torch.bfloat16
     with torch.no_grad():
         phi = torch.nn.functional.conv2d(features.float(), model.head.weight, model.head.bias)
@@ -141,7 +141,7 @@ def test_auto_precision_follows_the_device_the_run_uses(
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    monkeypatch.setattr(performance, "cpu_has_native_bf16", lambda *args: cpu_bf16)
+    monkeypatch.setattr(acceleration, "cpu_has_native_bf16", lambda *args: cpu_bf16)
     model = FcddHsc(
         backbone="efficientnet_lite0",
         pre_trained=False,
@@ -164,3 +164,64 @@ def test_auto_precision_follows_the_device_the_run_uses(
     engine.fit(model, datamodule=datamodule)
     assert engine.trainer.precision == expected
     assert autocast_in_steps and all(enabled == (expected == "bf16-mixed") for enabled in autocast_in_steps)
+
+
+def _vgg_conv_bn_pair() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    pair = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    with torch.no_grad():
+        pair[1].running_mean.uniform_(-1, 1)
+        pair[1].running_var.uniform_(0.5, 2)
+        pair[1].weight.uniform_(0.5, 2)
+        pair[1].bias.uniform_(-1, 1)
+    return pair.eval()
+
+
+def test_folded_convolution_matches_the_batchnorm_formula_by_hand() -> None:
+    pair = _vgg_conv_bn_pair()
+    folded = acceleration.fold_conv_batchnorm(pair)
+    assert folded is not None and len(folded) == 2  # conv (with BN folded in) + ReLU
+    conv, norm = pair[0], pair[1]
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    torch.testing.assert_close(folded[0].weight, conv.weight * scale.view(-1, 1, 1, 1))
+    torch.testing.assert_close(folded[0].bias, (conv.bias - norm.running_mean) * scale + norm.bias)
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(folded(x), pair(x), rtol=1e-5, atol=1e-6)
+
+
+def test_nothing_to_fold_gives_none() -> None:
+    assert acceleration.fold_conv_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())) is None
+    assert acceleration.fold_conv_batchnorm(torch.nn.Conv2d(3, 4, 3)) is None
+
+
+def test_folded_backbone_is_used_only_at_inference_and_forgotten_when_weights_change() -> None:
+    model = FcddModel(pre_trained=False, minmax="bottle").eval()
+    with torch.no_grad():
+        folded = model.acceleration.backbone(model.features, training=False)
+        assert folded is not model.features
+        assert model.acceleration.backbone(model.features, training=False) is folded  # kept between batches
+    assert model.acceleration.backbone(model.features, training=False) is model.features  # autograd on
+    model.train()
+    model.eval()
+    with torch.no_grad():
+        assert model.acceleration.backbone(model.features, training=False) is not folded  # rebuilt after training
+        again = model.acceleration.backbone(model.features, training=False)
+        model.load_state_dict(model.state_dict())
+        assert model.acceleration.backbone(model.features, training=False) is not again  # rebuilt after a load
+    assert "folded" not in str(torch.nn.Module.state_dict(model).keys())
+
+
+def test_accelerated_and_plain_models_give_the_same_maps_after_training_steps() -> None:
+    torch.manual_seed(0)
+    fast = FcddModel(pre_trained=False, minmax="bottle", accelerate=True)
+    plain = FcddModel(pre_trained=False, minmax="bottle", accelerate=False)
+    plain.load_state_dict(fast.state_dict())
+    images = torch.rand(2, 3, 64, 64)
+    for model in (fast, plain):
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        model.train()
+        model(images).anomaly_map.mean().backward()
+        optimizer.step()
+        model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(images).anomaly_map, plain(images).anomaly_map, rtol=1e-4, atol=1e-5)

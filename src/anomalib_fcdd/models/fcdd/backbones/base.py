@@ -1,0 +1,130 @@
+"""What every backbone builder returns, and the two steps all of them share: loading weights and freezing layers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ....errors import ConfigurationError
+from .weights import WeightsError
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A feature extractor ready for FCDD.
+
+    Attributes:
+        features: the cut network (input B x 3 x H x W, output B x C x H/stride x W/stride).
+        out_channels: C.
+        frozen: modules whose parameters are not trained.
+        missing_weights: why the asked-for pretrained weights could not be fetched (offline, no cache), or ``None``.
+            The features then hold random weights; :class:`~..torch_model.FcddModel` refuses to run until a state
+            dict that covers them (a checkpoint) is loaded, so restoring a trained model needs no network while
+            nothing ever runs silently on random weights.
+    """
+
+    features: nn.Module
+    out_channels: int
+    frozen: tuple[nn.Module, ...]
+    missing_weights: WeightsError | None = None
+
+
+BackboneBuilder = Callable[[bool, "str | None", "int | None"], Backbone]
+
+
+def frozen_units(units: Sequence[nn.Module], count: int | None, default: int, backbone: str) -> tuple[nn.Module, ...]:
+    """The first ``count`` (default ``default``) modules of ``units``."""
+    count = default if count is None else count
+    if not 0 <= count <= len(units):
+        raise ConfigurationError(
+            f"frozen_modules for {backbone!r} must be between 0 and {len(units)}, got {count} (--model.frozen_modules)."
+        )
+    return tuple(units[:count])
+
+
+def match_state(
+    state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str, prefixes: Sequence[str] = ()
+) -> dict[str, torch.Tensor]:
+    """The tensors of ``state`` the cut network needs, by its names.
+
+    Accepts a full model's state dict (extra tensors such as the classifier are ignored), the cut network's own, names
+    with a ``module.`` (DataParallel) prefix, or any of ``prefixes`` (e.g. VGG's ``features.``).
+
+    Raises:
+        WeightsError: tensors are missing or have other shapes; the message names the file and examples.
+    """
+    selected: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        short = key.removeprefix("module.")
+        for prefix in prefixes:
+            if short not in expected and short.startswith(prefix):
+                short = short[len(prefix) :]
+        if short in expected:
+            selected[short] = value
+    missing = sorted(set(expected) - set(selected))
+    if missing:
+        raise WeightsError(
+            f"Weight file {source} does not fit the backbone: {len(missing)} of {len(expected)} tensors are missing, "
+            f"e.g. {missing[:3]}."
+        )
+    wrong = [
+        f"{key}: {tuple(selected[key].shape)} in the file, {tuple(value.shape)} in the network"
+        for key, value in expected.items()
+        if selected[key].shape != value.shape
+    ]
+    if wrong:
+        raise WeightsError(
+            f"Weight file {source} does not fit the backbone: {len(wrong)} shapes differ, e.g. {wrong[:3]}."
+        )
+    return {key: selected[key] for key in expected}
+
+
+def load_weights(
+    features: nn.Module,
+    pre_trained: bool,
+    weights_path: str | None,
+    read: Callable[[str], dict[str, torch.Tensor]],
+    fetch: Callable[[], dict[str, torch.Tensor]],
+    source: str,
+    prefixes: Sequence[str] = (),
+) -> WeightsError | None:
+    """Load ``weights_path`` (when given) or the pretrained weights (when ``pre_trained``) into ``features``.
+
+    A bad ``weights_path`` raises at once. A failed *fetch* of the pretrained weights is returned instead, so that a
+    model rebuilt from a checkpoint (which holds every backbone weight) can be restored offline; the model raises it
+    as soon as it is used without such a checkpoint.
+    """
+    if weights_path is None and not pre_trained:
+        return None
+    if weights_path is not None:
+        state, where = read(weights_path), str(weights_path)
+    else:
+        try:
+            state, where = fetch(), source
+        except WeightsError as error:
+            return error
+    features.load_state_dict(match_state(state, features.state_dict(), where, prefixes), strict=True)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# VGG-11-BN (torchvision, the paper's backbone)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def timm_model(arch: str) -> nn.Module:
+    """A randomly initialised timm model; never downloads anything."""
+    import timm
+
+    return timm.create_model(arch, pretrained=False)
+
+
+def timm_channels(model: nn.Module, module_name: str) -> int:
+    """Output channels of ``module_name`` from timm's feature info."""
+    for info in model.feature_info:
+        if info["module"] == module_name:
+            return int(info["num_chs"])
+    raise ValueError(f"{type(model).__name__} has no feature stage {module_name!r}.")
