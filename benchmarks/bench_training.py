@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from anomalib.data import ImageBatch
 
 from anomalib_fcdd import FcddHsc
 from anomalib_fcdd.models.fcdd.acceleration import native_bf16_cpu_flags, resolve_precision
@@ -91,12 +92,9 @@ def build(variant: Variant) -> FcddHsc:
 
 
 def train_step(model: FcddHsc, optimizer: torch.optim.Optimizer, images: torch.Tensor, bf16: bool) -> None:
-    """The package's training step without Lightning around it."""
+    """The model's own ``training_step`` (confetti, augmentation, forward, loss), then backward and SGD update."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        inputs, masks = model.anomaly_generator(images)[:2]
-        inputs, masks = model.augmentation(inputs, masks)
-        output = model.model(inputs)
-        loss = model.loss(output.anomaly_map, masks)
+        loss = model.training_step(ImageBatch(image=images))["loss"]
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -17,7 +17,6 @@ import argparse
 import datetime as dt
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ from benchmarks.bench_inference import default_mvtec_root
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "bf16_accuracy.md"
 PRECISIONS = ("32-true", "bf16-mixed")
-METRICS = ("pixel_AUROC", "pixel_AUPR", "pixel_AUPRO", "image_AUROC")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,18 +46,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def train_and_test(args: argparse.Namespace, precision: str, work: Path) -> dict[str, Any]:
-    """One Engine fit + test at ``precision``; returns the test metrics and the fit time."""
-    from anomalib.engine import Engine
-
+    """One fit + test at ``precision`` (:func:`benchmarks.measuring.fit_and_test`); the metrics and the fit time."""
+    from benchmarks.building import raw_score_post_processor
     from benchmarks.export_accuracy import seeded_model_and_data
+    from benchmarks.measuring import fit_and_test
 
-    model, datamodule = seeded_model_and_data(args, precision=precision, visualizer=False)
-    engine = Engine(default_root_dir=work / precision, logger=False, accelerator="cpu", enable_progress_bar=False)
-    started = time.perf_counter()
-    engine.fit(model, datamodule=datamodule)
-    fit_seconds = time.perf_counter() - started
-    results = engine.test(model, datamodule=datamodule, verbose=False)[0]
-    return {"fit_seconds": fit_seconds, **{name: float(results[name]) for name in METRICS}}
+    model, datamodule = seeded_model_and_data(
+        args, precision=precision, visualizer=False, evaluator=False, post_processor=raw_score_post_processor()
+    )
+    result = fit_and_test(model, datamodule, work / precision, args.epochs * args.passes_per_epoch, accelerator="cpu")
+    return {"fit_seconds": result.train_time_s, **result.metrics}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fcdd_bf16_") as scratch:
         runs = {precision: train_and_test(args, precision, Path(scratch)) for precision in PRECISIONS}
     fp32, bf16 = runs["32-true"], runs["bf16-mixed"]
-    drop = 100 * (fp32["pixel_AUROC"] - bf16["pixel_AUROC"])
+    drop = 100 * (fp32["pixel_auroc"] - bf16["pixel_auroc"])
     command = " ".join(["python -m benchmarks.bf16_accuracy", *(argv if argv is not None else sys.argv[1:])])
     lines = [
         f"## {args.category}, {args.backbone} ({'ImageNet' if args.pre_trained else 'random init'}), "
@@ -89,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for precision, run in runs.items():
         lines.append(
-            f"| {precision} | {run['fit_seconds']:.0f} | {run['pixel_AUROC']:.4f} | {run['pixel_AUPR']:.4f} "
-            f"| {run['pixel_AUPRO']:.4f} | {run['image_AUROC']:.4f} |"
+            f"| {precision} | {run['fit_seconds']:.0f} | {run['pixel_auroc']:.4f} | {run['pixel_ap']:.4f} "
+            f"| {run['pixel_aupro']:.4f} | {run['image_auroc']:.4f} |"
         )
     verdict = "within" if drop <= 0.5 else "NOT within"
     lines += [

@@ -1,10 +1,10 @@
-"""The benchmark runner: job grid, the crash-safe results file, resuming, and a two-run grid end to end."""
+"""The benchmark runner: job grid, one atomically written file per run, resuming, and a two-run grid end to end."""
 
 from __future__ import annotations
 
 import math
+import os
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # benchmarks/ is a top-level package next to src/, not installed
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import run  # noqa: E402
+from benchmarks import jobs, measuring, run, storing  # noqa: E402
 from benchmarks.profiles import (  # noqa: E402
     ALL_METHODS,
     FULL,
@@ -41,14 +41,14 @@ class InterruptedRunError(Exception):
     """Stands in for a kill -9 / Ctrl-C after a row reached the disk."""
 
 
-def _fake_jobs(count: int) -> list[run.Job]:
-    source = run.CategorySource("synthetic", Path("/nowhere"), "c")
-    backbone = run.BackboneChoice("b", False)
-    return [run.Job(Method("padim"), backbone, source, seed) for seed in range(count)]
+def _fake_jobs(count: int) -> list[jobs.Job]:
+    source = jobs.CategorySource("synthetic", Path("/nowhere"), "c")
+    backbone = jobs.BackboneChoice("b", False)
+    return [jobs.Job(Method("padim"), backbone, source, seed) for seed in range(count)]
 
 
-def _fake_row(job: run.Job) -> run.Row:
-    row = dict(zip(run.KEY_COLUMNS, job.key(), strict=True))
+def _fake_row(job: jobs.Job) -> jobs.Row:
+    row = dict(zip(jobs.KEY_COLUMNS, job.key(), strict=True))
     row["pixel_auroc"] = "0.5"
     return row
 
@@ -74,17 +74,17 @@ def test_full_profile_is_the_papers_grid() -> None:
 
 
 def test_jobs_are_seed_major_with_unique_keys() -> None:
-    sources = [run.CategorySource("mvtec_ad", Path("/x"), name) for name in ("bottle", "cable")]
-    backbones = {method: run.BackboneChoice("b", True) for method in FULL.methods}
-    jobs = run.build_jobs(FULL, sources, backbones)
-    assert len(jobs) == 8 * 2 * 6
-    assert len({job.key() for job in jobs}) == len(jobs)
-    assert [job.seed for job in jobs[:16]] == [0] * 16  # every method and category of seed 0 first
+    sources = [jobs.CategorySource("mvtec_ad", Path("/x"), name) for name in ("bottle", "cable")]
+    backbones = {method: jobs.BackboneChoice("b", True) for method in FULL.methods}
+    grid = jobs.build_jobs(FULL, sources, backbones)
+    assert len(grid) == 8 * 2 * 6
+    assert len({job.key() for job in grid}) == len(grid)
+    assert [job.seed for job in grid[:16]] == [0] * 16  # every method and category of seed 0 first
 
 
 def test_worker_split_covers_every_job_once() -> None:
-    jobs = _fake_jobs(10)
-    shares = [run._worker_share(jobs, f"{index}/3") for index in range(3)]
+    grid = _fake_jobs(10)
+    shares = [run._worker_share(grid, f"{index}/3") for index in range(3)]
     assert sorted(job.seed for share in shares for job in share) == list(range(10))
     assert run._strip_option(["--profile", "full", "--devices", "0,1", "--x"], "--devices") == [
         "--profile",
@@ -104,17 +104,17 @@ def test_dry_run_lists_the_full_grid_without_data(tmp_path: Path, capsys: pytest
 
 
 def test_mvtec_root_comes_from_flag_then_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv(run.MVTEC_ROOT_ENV, str(tmp_path / "env"))
-    assert run.resolve_mvtec_root(None) == tmp_path / "env"
-    assert run.resolve_mvtec_root(str(tmp_path / "flag")) == tmp_path / "flag"
-    monkeypatch.delenv(run.MVTEC_ROOT_ENV)
-    assert run.resolve_mvtec_root(None) == run.DEFAULT_MVTEC_ROOT
+    monkeypatch.setenv(jobs.MVTEC_ROOT_ENV, str(tmp_path / "env"))
+    assert jobs.resolve_mvtec_root(None) == tmp_path / "env"
+    assert jobs.resolve_mvtec_root(str(tmp_path / "flag")) == tmp_path / "flag"
+    monkeypatch.delenv(jobs.MVTEC_ROOT_ENV)
+    assert jobs.resolve_mvtec_root(None) == jobs.DEFAULT_MVTEC_ROOT
 
 
 def test_missing_roots_are_skipped_with_a_note(tmp_path: Path) -> None:
     profile = get_profile("offline")
     (tmp_path / "extra" / "tex" / "train" / "good").mkdir(parents=True)
-    sources, missing = run.resolve_sources(
+    sources, missing = jobs.resolve_sources(
         profile, tmp_path / "none", [tmp_path / "extra", tmp_path / "empty"], tmp_path
     )
     assert ("extra", "tex") in {(source.dataset, source.category) for source in sources}
@@ -123,79 +123,65 @@ def test_missing_roots_are_skipped_with_a_note(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The results file
+# The result files
 # ---------------------------------------------------------------------------------------------------------------------
-def test_store_appends_with_one_header_and_reads_back(tmp_path: Path) -> None:
-    store = run.ResultStore(tmp_path / "r.csv")
-    jobs = _fake_jobs(2)
-    for job in jobs:
-        store.append(_fake_row(job))
-    lines = store.path.read_text().splitlines()
-    assert lines[0] == ",".join(run.COLUMNS) and len(lines) == 3
-    assert store.done_keys() == {job.key() for job in jobs}
+def test_store_writes_one_file_per_run_and_a_table_with_one_header(tmp_path: Path) -> None:
+    store = storing.ResultStore(tmp_path / "runs")
+    grid = _fake_jobs(2)
+    for job in grid:
+        store.add(job.slug(), _fake_row(job))
+    assert sorted(path.name for path in (tmp_path / "runs").iterdir()) == sorted(f"{j.slug()}.json" for j in grid)
+    assert store.done_keys() == {job.key() for job in grid}
+    lines = store.write_table(tmp_path / "results.csv").read_text().splitlines()
+    assert lines[0] == ",".join(jobs.COLUMNS) and len(lines) == 3
+    assert [line.split(",")[jobs.COLUMNS.index("pixel_auroc")] for line in lines[1:]] == ["0.5", "0.5"]
     with pytest.raises(KeyError, match="fixed set"):
-        store.append({"surprise": "1"})
+        store.add("x", {"surprise": "1"})
 
 
-def test_truncated_last_line_is_dropped_and_file_repaired(tmp_path: Path) -> None:
-    store = run.ResultStore(tmp_path / "r.csv")
-    jobs = _fake_jobs(3)
-    for job in jobs:
-        store.append(_fake_row(job))
-    text = store.path.read_text()
-    store.path.write_text(text[: text.rfind("\n", 0, len(text) - 1) + 9])  # the third row cut after 8 characters
-    assert store.done_keys() == {jobs[0].key(), jobs[1].key()}  # reading ignores the partial line
-    assert store.repair() == 1
-    assert store.path.read_text().endswith("\n")
-    assert len(store.rows()) == 2
-    store.append(_fake_row(jobs[2]))  # appending after the repair gives a clean file
-    assert [row["seed"] for row in store.rows()] == ["0", "1", "2"]
+def test_a_crash_mid_write_leaves_no_partial_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = storing.ResultStore(tmp_path / "runs")
+    first, second = _fake_jobs(2)
+    store.add(first.slug(), _fake_row(first))
+
+    def crash(source: str, target: str) -> None:
+        raise KeyboardInterrupt  # killed between writing the temporary file and renaming it
+
+    monkeypatch.setattr(storing.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.add(second.slug(), _fake_row(second))
+    monkeypatch.undo()
+    assert store.done_keys() == {first.key()}  # the half-written run is not counted, so it runs again
+    assert [path.suffix for path in (tmp_path / "runs").iterdir()].count(".tmp") == 1
+    store.add(second.slug(), _fake_row(second))
+    assert store.done_keys() == {first.key(), second.key()}
 
 
-def test_repair_drops_malformed_and_duplicate_rows_and_rejects_other_headers(tmp_path: Path) -> None:
-    store = run.ResultStore(tmp_path / "r.csv")
+def test_rewriting_a_run_replaces_its_file(tmp_path: Path) -> None:
+    store = storing.ResultStore(tmp_path / "runs")
     job = _fake_jobs(1)[0]
-    store.append(_fake_row(job))
-    with store.path.open("a") as handle:
-        handle.write("a,b,c\n")
-    store.append(_fake_row(job))
-    assert store.repair() == 2
-    assert len(store.rows()) == 1
-    other = tmp_path / "other.csv"
-    other.write_text("x,y\n1,2\n")
-    with pytest.raises(ValueError, match="columns"):
-        run.ResultStore(other).repair()
-
-
-def test_concurrent_appends_stay_whole_lines(tmp_path: Path) -> None:
-    store = run.ResultStore(tmp_path / "r.csv")
-    jobs = _fake_jobs(40)
-    threads = [threading.Thread(target=store.append, args=(_fake_row(job),)) for job in jobs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert store.repair() == 0
-    assert len(store.rows()) == 40 and store.path.read_text().count(",".join(run.COLUMNS)) == 1
+    store.add(job.slug(), _fake_row(job))
+    store.add(job.slug(), {**_fake_row(job), "pixel_auroc": "0.75"})
+    assert [row["pixel_auroc"] for row in store.rows()] == ["0.75"]
+    assert os.listdir(tmp_path / "runs") == [f"{job.slug()}.json"]
 
 
 def test_failed_job_is_recorded_and_retried_next_time(tmp_path: Path) -> None:
-    store = run.ResultStore(tmp_path / "r.csv")
-    failures = run.ResultStore(tmp_path / "f.csv", run.FAILURE_COLUMNS, (*run.KEY_COLUMNS, "finished_at"))
-    jobs = _fake_jobs(3)
+    store, failures = storing.result_stores(tmp_path)
+    grid = _fake_jobs(3)
 
-    def flaky(job: run.Job) -> run.Row:
+    def flaky(job: jobs.Job) -> jobs.Row:
         if job.seed == 1:
             raise RuntimeError("boom\nsecond line")
         return _fake_row(job)
 
-    summary = run.run_jobs(jobs, store, flaky, failures=failures, show_progress=False)
+    summary = run.run_jobs(grid, store, flaky, failures=failures, show_progress=False)
     assert (summary.finished, summary.failed) == (2, 1)
-    assert failures.rows()[0]["error"] == "RuntimeError: boom second line"
-    summary = run.run_jobs(jobs, store, _fake_row, show_progress=False)
+    assert failures.rows()[0]["error"] == "RuntimeError: boom\nsecond line"
+    summary = run.run_jobs(grid, store, _fake_row, show_progress=False)
     assert (summary.finished, summary.skipped) == (1, 2)
     with pytest.raises(RuntimeError):
-        run.run_jobs(jobs, run.ResultStore(tmp_path / "fresh.csv"), flaky, fail_fast=True, show_progress=False)
+        run.run_jobs(grid, storing.ResultStore(tmp_path / "fresh"), flaky, fail_fast=True, show_progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -214,56 +200,54 @@ def test_metrics_on_large_raw_scores_match_sklearn() -> None:
     scores = torch.tensor([250.0, 610.0, 300.0, 600.0, 900.0, 905.0])
     half = {"pred_score": [scores[:3], scores[3:]], "gt_label": [labels[:3], labels[3:]]}
     outputs = {**half, "anomaly_map": [maps[:3, None], maps[3:, None]], "gt_mask": [masks[:3], masks[3:]]}
-    metrics = run.compute_metrics(outputs)
+    metrics = measuring.compute_metrics(outputs)
     assert metrics["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))  # 8/9, not 0.5
     flat_masks, flat_maps = masks.flatten().numpy(), maps.flatten().numpy()
     assert metrics["pixel_auroc"] == pytest.approx(roc_auc_score(flat_masks, flat_maps), abs=1e-6)
     assert metrics["pixel_ap"] == pytest.approx(average_precision_score(flat_masks, flat_maps), abs=1e-6)
     assert 0.0 < metrics["pixel_aupro"] <= 1.0
-    no_masks = run.compute_metrics({**half, "anomaly_map": [], "gt_mask": []})
+    no_masks = measuring.compute_metrics({**half, "anomaly_map": [], "gt_mask": []})
     assert math.isnan(no_masks["pixel_auroc"]) and no_masks["image_auroc"] == pytest.approx(8 / 9)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # End to end on generated data
 # ---------------------------------------------------------------------------------------------------------------------
-def test_two_run_grid_resumes_after_interruption_and_truncation(tmp_path: Path) -> None:
+def test_two_run_grid_resumes_after_an_interruption(tmp_path: Path) -> None:
     run._quiet_libraries()
-    sources, missing = run.resolve_sources(TINY, tmp_path / "no-mvtec", [], tmp_path / "work")
+    sources, missing = jobs.resolve_sources(TINY, tmp_path / "no-mvtec", [], tmp_path / "work")
     assert missing == []
-    jobs = run.build_jobs(TINY, sources, run.resolve_backbones(TINY))
-    assert [job.method.model for job in jobs] == ["fcdd", "padim"]
-    store = run.ResultStore(tmp_path / "results" / "results.csv")
+    grid = jobs.build_jobs(TINY, sources, jobs.resolve_backbones(TINY))
+    assert [job.method.model for job in grid] == ["fcdd", "padim"]
+    store = storing.ResultStore(tmp_path / "results" / "runs")
     calls: list[str] = []
 
-    def runner(job: run.Job) -> run.Row:
+    def runner(job: jobs.Job) -> jobs.Row:
         calls.append(job.method.model)
-        return run.run_job(job, TINY, tmp_path / "work")
+        return measuring.run_job(job, TINY, tmp_path / "work")
 
-    def interrupt(row: run.Row) -> None:
+    def interrupt(row: jobs.Row) -> None:
         raise InterruptedRunError
 
     with pytest.raises(InterruptedRunError):
-        run.run_jobs(jobs, store, runner, after_row=interrupt, show_progress=False)
+        run.run_jobs(grid, store, runner, after_row=interrupt, show_progress=False)
     assert len(store.rows()) == 1
 
-    summary = run.run_jobs(jobs, store, runner, show_progress=False)
+    summary = run.run_jobs(grid, store, runner, show_progress=False)
     assert (summary.skipped, summary.finished) == (1, 1)
     rows = store.rows()
-    assert len(rows) == 2 and len({tuple(row[c] for c in run.KEY_COLUMNS) for row in rows}) == 2
-    assert list(rows[0]) == list(run.COLUMNS)
+    assert len(rows) == 2 and len({tuple(row[c] for c in jobs.KEY_COLUMNS) for row in rows}) == 2
+    assert list(rows[0]) == list(jobs.COLUMNS)
     for row in rows:
-        for metric in run.METRIC_COLUMNS:
+        for metric in jobs.METRIC_COLUMNS:
             assert 0.0 <= float(row[metric]) <= 1.0, (row["model"], metric)
         for cost in ("train_time_s", "test_throughput_ips", "peak_rss_mb", "artefact_mb"):
             assert float(row[cost]) > 0, (row["model"], cost)
         assert row["pre_trained"] == "False" and row["image_size"] == "64" and row["n_test"] == "8"
-    assert not (tmp_path / "work" / "runs" / jobs[0].slug()).exists()  # artefacts removed after measuring
+    assert not (tmp_path / "work" / "runs" / grid[0].slug()).exists()  # artefacts removed after measuring
 
-    text = store.path.read_text()
-    store.path.write_text(text[:-25])  # a crash while writing the second row
-    assert store.repair() == 1
-    summary = run.run_jobs(jobs, store, runner, show_progress=False)
+    (store.folder / f"{grid[1].slug()}.json").unlink()  # as if the second run had crashed before its file was in
+    summary = run.run_jobs(grid, store, runner, show_progress=False)
     assert (summary.skipped, summary.finished) == (1, 1)
     assert len(store.rows()) == 2
     assert calls == ["fcdd", "padim", "padim"]
@@ -273,16 +257,17 @@ def test_command_line_runs_and_reports(tmp_path: Path) -> None:
     arguments = ["--profile", "smoke", "--seeds", "0", "--limit", "1"]
     arguments += ["--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")]
     assert run.main(arguments) == 0
-    assert len(run.ResultStore(tmp_path / "out" / "results.csv").rows()) == 1
+    assert len(storing.ResultStore(tmp_path / "out" / "runs").rows()) == 1
+    assert len((tmp_path / "out" / "results.csv").read_text().splitlines()) == 2  # header + the run
     readme = (tmp_path / "out" / "README.md").read_text()
     assert "profile `smoke`" in readme and "## Mean over categories" in readme
 
 
 @pytest.mark.slow
-def test_parallel_workers_share_one_file(tmp_path: Path) -> None:
-    """``--devices`` fans out to pinned worker processes that append to the same locked CSV."""
+def test_parallel_workers_fill_one_results_folder(tmp_path: Path) -> None:
+    """``--devices`` fans out to pinned worker processes, each writing its runs' files."""
     arguments = ["--profile", "smoke", "--seeds", "0", "--devices", "0,1"]
     arguments += ["--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")]
     assert run.main(arguments) == 0
-    rows = run.ResultStore(tmp_path / "out" / "results.csv").rows()
-    assert len(rows) == 16 and len({tuple(row[c] for c in run.KEY_COLUMNS) for row in rows}) == 16
+    rows = storing.ResultStore(tmp_path / "out" / "runs").rows()
+    assert len(rows) == 16 and len({tuple(row[c] for c in jobs.KEY_COLUMNS) for row in rows}) == 16
