@@ -104,3 +104,29 @@ def test_bad_arguments() -> None:
         MVTecFewAnomalies(anomalies_per_defect=0)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         MVTecFewAnomalies(anomaly_probability=1.5)
+
+
+def test_minmax_constants_come_from_every_normal_image_before_anomalies_replace_any(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With half of the training images replaced by real anomalies, min-max must still see all six normal images."""
+    from anomalib.engine import Engine
+
+    from anomalib_fcdd import FcddHsc
+    from anomalib_fcdd.models.fcdd import lightning_model
+    from anomalib_fcdd.models.fcdd.pre_processing import MinMaxAccumulator
+
+    seen: list[int] = []
+
+    class CountingAccumulator(MinMaxAccumulator):
+        def update(self, images: torch.Tensor) -> None:
+            seen.append(len(images))
+            super().update(images)
+
+    monkeypatch.setattr(lightning_model, "MinMaxAccumulator", CountingAccumulator)
+    dm = MVTecFewAnomalies(root=root, category="cat", num_workers=0, train_batch_size=6, anomaly_probability=0.5)
+    model = FcddHsc(pre_trained=False, minmax=None, image_size=32, epochs=1, passes_per_epoch=1, visualizer=False)
+    engine = Engine(default_root_dir=tmp_path, logger=False, accelerator="cpu", enable_progress_bar=False)
+    torch.manual_seed(3)  # a seed under which the replacing loader swaps images out
+    engine.fit(model, datamodule=dm)
+    assert sum(seen) == 6, f"min-max saw {sum(seen)} of the 6 normal training images"

@@ -30,6 +30,7 @@ from anomalib.pre_processing import PreProcessor
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
+from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import InterpolationMode, Resize
 
 from .acceleration import check_precision, resolve_precision
@@ -210,10 +211,15 @@ class FcddHsc(AnomalibModule):
         self.model.normalization.set_constants(self._compute_minmax())
 
     def _compute_minmax(self) -> torch.Tensor:
-        """Per-channel min/max after LCN over the normal training images at ``image_size`` (one streaming pass)."""
+        """Per-channel min/max after LCN over the normal training images at ``image_size`` (one streaming pass).
+
+        The pass reads the datamodule's normal training set directly, before any anomaly replaces an image (the
+        semi-supervised datamodules swap half of the images for real anomalies in their training loader) and
+        without a distributed sampler, so every DDP rank sees the same images and gets the same constants.
+        """
         accumulator = MinMaxAccumulator()
         resize = Resize((self.image_size, self.image_size), interpolation=InterpolationMode.NEAREST)
-        for batch in self.trainer.train_dataloader:
+        for batch in self._normal_training_batches():
             labels = batch.gt_label
             images = batch.image if labels is None else batch.image[~torch.as_tensor(labels).bool()]
             if len(images):
@@ -221,6 +227,19 @@ class FcddHsc(AnomalibModule):
         table = accumulator.table()
         logger.info("FCDD: min-max constants computed from %d training images: %s", accumulator.count, table.tolist())
         return table
+
+    def _normal_training_batches(self) -> Any:
+        """Batches of the datamodule's normal training set, or the trainer's training loader if it has none."""
+        datamodule = self.trainer.datamodule
+        dataset = getattr(datamodule, "train_data", None)
+        if dataset is None:
+            return self.trainer.train_dataloader
+        return DataLoader(
+            dataset,
+            batch_size=getattr(datamodule, "eval_batch_size", 32),
+            num_workers=getattr(datamodule, "num_workers", 0),
+            collate_fn=getattr(dataset, "collate_fn", None),
+        )
 
     def configure_optimizers(self) -> dict[str, Any]:
         """SGD with Nesterov momentum; lr decays by ``lr_decay`` once per paper epoch (``passes_per_epoch`` passes)."""
