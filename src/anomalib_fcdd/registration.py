@@ -13,10 +13,12 @@ def register() -> None:
     import anomalib.data
     import anomalib.models
 
-    from .data import MVTec, MVTecFewAnomalies
+    from .data import FolderFewAnomalies, MVTec, MVTecFewAnomalies
     from .models import Fcdd, FcddHsc
 
     for cls in (Fcdd, FcddHsc):
         setattr(anomalib.models, cls.__name__, cls)
-    for cls in (MVTec, MVTecFewAnomalies):
+    # Folder is not attached: anomalib looks classes up by their last name, and ours would replace anomalib's own
+    # ``Folder`` for everyone in the process. ``--data anomalib_fcdd.data.Folder`` imports it by its full path.
+    for cls in (MVTec, MVTecFewAnomalies, FolderFewAnomalies):
         setattr(anomalib.data, cls.__name__, cls)

@@ -1,8 +1,9 @@
 """MVTec-AD datamodules for FCDD: a checked :class:`MVTec` and the semi-supervised :class:`MVTecFewAnomalies`.
 
-``MVTec`` is anomalib's ``MVTecAD`` with two changes: the dataset is checked before use (see
-:mod:`.validation`), and a missing dataset is an error rather than an attempted download, unless ``download=True``.
-It is what ``anomalib-fcdd ... --data MVTec`` selects.
+``MVTec`` is anomalib's ``MVTecAD`` with three changes: the dataset is checked before use (see
+:mod:`.validation`), a missing dataset is an error rather than an attempted download, unless ``download=True``, and
+images are decoded by :mod:`.decode` (16-bit PNGs scaled, not clipped; EXIF orientation applied) like everywhere else
+in this package. It is what ``anomalib-fcdd ... --data MVTec`` selects.
 
 ``MVTecFewAnomalies`` implements the paper's semi-supervised setting: ``k`` real anomalous test images per defect
 type, with their masks, are taken out of the test set (``k = 1`` in the paper). During training each normal image is
@@ -12,26 +13,28 @@ online supervisor; batches carry ``gt_label`` / ``gt_mask`` and FCDD uses those 
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-import torch
 from anomalib.data import MVTecAD
-from torch.utils.data import DataLoader, Dataset
+from anomalib.data.utils import Split
 
-from .validation import DatasetError, validate_mvtec_layout
+from .base import CheckedDataModule, default_num_workers
+from .datasets import DecodingMVTecDataset
+from .semi_supervised import FewAnomaliesMixin, ReplacingDataset, select_anomalies
+from .validation import validate_mvtec_layout
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["MVTec", "MVTecFewAnomalies", "ReplacingDataset", "select_anomalies"]
 
-class MVTec(MVTecAD):
-    """anomalib's ``MVTecAD`` with an up-front dataset check and no implicit download.
+
+class MVTec(CheckedDataModule, MVTecAD):
+    """anomalib's ``MVTecAD`` with an up-front dataset check, no implicit download and this package's image decoding.
 
     Args:
+        num_workers: DataLoader workers; ``None`` (default) uses the machine's cores, at most 8.
         download: fetch MVTec-AD when ``root/category`` is missing (needs internet). Off by default, so a wrong path
             is reported instead of starting a 5 GB download.
         validate: check the layout, images and masks before training (a few seconds per category).
@@ -44,7 +47,7 @@ class MVTec(MVTecAD):
         category: str = "bottle",
         train_batch_size: int = 32,
         eval_batch_size: int = 32,
-        num_workers: int = 8,
+        num_workers: int | None = None,
         download: bool = False,
         validate: bool = True,
         **kwargs: Any,
@@ -54,7 +57,7 @@ class MVTec(MVTecAD):
             category=category,
             train_batch_size=train_batch_size,
             eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
+            num_workers=default_num_workers() if num_workers is None else num_workers,
             **kwargs,
         )
         self.download = download
@@ -64,50 +67,26 @@ class MVTec(MVTecAD):
     def prepare_data(self) -> None:
         """Download only when asked; otherwise check what is on disk."""
         if self.download and not (self.root / self.category).is_dir():
-            super().prepare_data()
-        self._check()
+            MVTecAD.prepare_data(self)
+        self.check_dataset()
 
-    def _check(self) -> None:
-        if self.validate and not self._validated:
-            summary = validate_mvtec_layout(self.root, self.category)
-            logger.info(
-                "Dataset %s: %d training images, test images %s",
-                self.root / self.category,
-                summary.train_images,
-                summary.test_images,
-            )
-            self._validated = True
-
-    def _setup(self, _stage: str | None = None) -> None:
-        self._check()
-        super()._setup(_stage)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled passes over the normal training images."""
-        return self._training_loader(self.train_data)
-
-    def val_dataloader(self) -> DataLoader:
-        """The validation images in anomalib's order, from workers that outlive each validation."""
-        if len(self.val_data) == 0:
-            return super().val_dataloader()
-        return self._loader(self.val_data, self.eval_batch_size, shuffle=False)
-
-    def _training_loader(self, dataset: Dataset) -> DataLoader:
-        return self._loader(dataset, self.train_batch_size, shuffle=True)
-
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        """A ``DataLoader`` whose workers persist across epochs (FCDD runs hundreds of short passes)."""
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=self.external_collate_fn or getattr(dataset, "collate_fn", self.train_data.collate_fn),
+    def validate_dataset(self) -> None:
+        """Check ``root/category`` (see :func:`.validation.validate_mvtec_layout`)."""
+        summary = validate_mvtec_layout(self.root, self.category)
+        logger.info(
+            "Dataset %s: %d training images, test images %s",
+            self.root / self.category,
+            summary.train_images,
+            summary.test_images,
         )
 
+    def _setup(self, _stage: str | None = None) -> None:
+        self.check_dataset()
+        self.train_data = DecodingMVTecDataset(split=Split.TRAIN, root=self.root, category=self.category)
+        self.test_data = DecodingMVTecDataset(split=Split.TEST, root=self.root, category=self.category)
 
-class MVTecFewAnomalies(MVTec):
+
+class MVTecFewAnomalies(FewAnomaliesMixin, MVTec):
     """MVTec with ``k`` real anomalies per defect type moved from test to train (the paper's semi-supervised setting).
 
     Args:
@@ -132,86 +111,11 @@ class MVTecFewAnomalies(MVTec):
         super().__init__(root=root, category=category, **kwargs)
         if anomalies_per_defect < 1:
             raise ValueError(f"anomalies_per_defect must be at least 1, got {anomalies_per_defect}.")
-        if not 0.0 <= anomaly_probability <= 1.0:
-            raise ValueError(f"anomaly_probability must be in [0, 1], got {anomaly_probability}.")
-        self.anomaly_probability = anomaly_probability
-        self.anomaly_data: Any = None
+        self.init_few_anomalies(keep_in_test, anomaly_probability)
         self.anomalies_per_defect = anomalies_per_defect
-        self.keep_in_test = keep_in_test
         self.selection_seed = selection_seed
-        self.training_anomalies: list[str] = []
 
     def _setup(self, _stage: str | None = None) -> None:
         super()._setup(_stage)
         chosen = select_anomalies(self.test_data.samples, self.anomalies_per_defect, self.selection_seed)
-        self.anomaly_data = copy.deepcopy(self.train_data)
-        pool = chosen.assign(split="train").reset_index(drop=True)
-        pool.attrs["task"] = "segmentation"
-        self.anomaly_data.samples = pool
-        if not self.keep_in_test:
-            remaining = self.test_data.samples.drop(index=chosen.index).reset_index(drop=True)
-            remaining.attrs.update(self.test_data.samples.attrs)
-            self.test_data.samples = remaining
-        self.training_anomalies = list(chosen.image_path)
-        logger.info(
-            "Semi-supervised split (seed %d, %d per defect type, %s test set): %s",
-            self.selection_seed,
-            self.anomalies_per_defect,
-            "kept in" if self.keep_in_test else "removed from",
-            self.training_anomalies,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Normal images, each replaced with probability ``anomaly_probability`` by a random real anomaly."""
-        # The anomaly pool was split off before anomalib attached the model's resize to the training set; share it so
-        # that normal and anomalous images arrive at the same size.
-        self.anomaly_data.augmentations = self.train_data.augmentations
-        return self._training_loader(ReplacingDataset(self.train_data, self.anomaly_data, self.anomaly_probability))
-
-
-class ReplacingDataset(Dataset):
-    """``normal[i]``, or with probability ``probability`` a uniformly drawn item of ``anomalies`` instead.
-
-    The draw uses torch's global RNG, which Lightning seeds and DataLoader workers derive from, so runs under
-    ``seed_everything`` are reproducible. The anomalous item keeps its real label and mask.
-    """
-
-    def __init__(self, normal: Dataset, anomalies: Dataset, probability: float) -> None:
-        self.normal = normal
-        self.anomalies = anomalies
-        self.probability = probability
-
-    def __len__(self) -> int:
-        return len(self.normal)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> Any:
-        if len(self.anomalies) and torch.rand(()).item() < self.probability:  # type: ignore[arg-type]
-            return self.anomalies[int(torch.randint(len(self.anomalies), ()).item())]  # type: ignore[arg-type]
-        return self.normal[index]
-
-
-def select_anomalies(samples: pd.DataFrame, per_defect: int, seed: int) -> pd.DataFrame:
-    """Pick ``per_defect`` anomalous rows with masks per defect label, reproducibly for a given seed.
-
-    Raises:
-        DatasetError: a defect type has fewer usable (masked) images than asked for, or none has masks.
-    """
-    abnormal = samples[samples.label_index == 1]
-    rng = np.random.default_rng(seed)
-    picks = []
-    for defect, rows in sorted(abnormal.groupby("label"), key=lambda item: str(item[0])):
-        masked = rows[rows.mask_path.fillna("").astype(str) != ""]
-        if masked.empty:
-            raise DatasetError(
-                f"Defect type {defect!r} has no test images with masks (e.g. {rows.image_path.iloc[0]}); the "
-                "semi-supervised setting needs pixel masks for the training anomalies."
-            )
-        if len(masked) < per_defect:
-            raise DatasetError(
-                f"Defect type {defect!r} has only {len(masked)} masked images, fewer than the "
-                f"{per_defect} asked for (anomalies_per_defect). Lower it to at most {len(masked)}."
-            )
-        picks.append(masked.iloc[np.sort(rng.choice(len(masked), size=per_defect, replace=False))])
-    if not picks:
-        raise DatasetError("The test set has no anomalous images to move into training.")
-    return pd.concat(picks)
+        self.move_to_training(chosen, f"seed {self.selection_seed}, {self.anomalies_per_defect} per defect type")

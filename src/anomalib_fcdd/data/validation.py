@@ -6,7 +6,8 @@ image header (and verifies PNG checksums) once and reports:
 
 * a root or category folder that does not exist, or a category with no training or test images;
 * a defective test image without its ``ground_truth/<defect>/<stem>_mask.png``, or a mask whose size differs;
-* a file that cannot be decoded as an image (truncated, corrupt, or not an image at all);
+* a file that cannot be decoded as an image (truncated, corrupt, or not an image at all), or whose pixels cannot be
+  mapped to [0, 1] the way :mod:`.decode` reads them for training;
 * a grayscale image among colour images (or the reverse) -- almost always a stray file; all-grayscale categories
   (MVTec's grid, screw, zipper) are fine and are converted to RGB by anomalib;
 * files that anomalib would silently ignore (not ``.png``) are listed in a warning.
@@ -18,18 +19,14 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
-from ..errors import UserInputError
+from .decode import inspect_image
+from .errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".PNG")
-GRAYSCALE_MODES = {"L", "I", "I;16", "F", "1", "LA"}
 
-
-class DatasetError(UserInputError, ValueError):
-    """The dataset on disk cannot be used as it is; the message names the path and the fix."""
+__all__ = ["DatasetError", "DatasetSummary", "validate_mvtec_layout"]
 
 
 @dataclass
@@ -52,19 +49,6 @@ def _image_files(folder: Path, summary: DatasetSummary) -> list[Path]:
         else:
             summary.ignored_files.append(path)
     return files
-
-
-def _open_image(path: Path) -> tuple[str, tuple[int, int]]:
-    """Mode and size of an image, after verifying that the whole file decodes."""
-    try:
-        with Image.open(path) as image:
-            mode, size = image.mode, image.size
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DatasetError(
-            f"{path} is not a readable image ({type(error).__name__}: {error}). Remove or replace this file."
-        ) from error
-    return mode, size
 
 
 def validate_mvtec_layout(root: str | Path, category: str) -> DatasetSummary:
@@ -101,24 +85,37 @@ def validate_mvtec_layout(root: str | Path, category: str) -> DatasetSummary:
 
     modes: dict[bool, Path] = {}
     for path in train_files + [p for files in test_files.values() for p in files]:
-        mode, size = _open_image(path)
-        modes.setdefault(mode in GRAYSCALE_MODES, path)
+        info = inspect_image(path)
+        modes.setdefault(info.grayscale, path)
         defect = path.parent.name
         if path.parent.parent == test_root and defect != "good":
-            _check_mask(base, path, size)
-    if len(modes) > 1:
-        raise DatasetError(
-            f"Category {base} mixes grayscale and colour images: {modes[True]} is grayscale but {modes[False]} is "
-            "colour. Convert the odd image(s) so the category is consistent, or remove them."
-        )
-    summary.grayscale = True in modes
-    if summary.ignored_files:
-        shown = ", ".join(str(p) for p in summary.ignored_files[:5])
-        more = f" and {len(summary.ignored_files) - 5} more" if len(summary.ignored_files) > 5 else ""
-        logger.warning(
-            "Ignoring %d non-PNG file(s) (MVTec layout reads .png only): %s%s", len(summary.ignored_files), shown, more
-        )
+            _check_mask(base, path, info.size)
+    summary.grayscale = check_consistent_colour(modes, f"Category {base}")
+    warn_ignored(summary.ignored_files, "non-PNG file(s) (MVTec layout reads .png only)")
     return summary
+
+
+def check_consistent_colour(first_of_kind: dict[bool, Path], what: str) -> bool:
+    """Refuse a mix of grayscale and colour images (almost always a stray file); returns whether all are grayscale.
+
+    Args:
+        first_of_kind: the first grayscale (``True``) and colour (``False``) image found.
+        what: the dataset, as the message should name it.
+    """
+    if len(first_of_kind) > 1:
+        raise DatasetError(
+            f"{what} mixes grayscale and colour images: {first_of_kind[True]} is grayscale but "
+            f"{first_of_kind[False]} is colour. Convert the odd image(s) so the dataset is consistent, or remove them."
+        )
+    return True in first_of_kind
+
+
+def warn_ignored(files: list[Path], what: str) -> None:
+    """Log the files that anomalib will not read, naming the first five."""
+    if files:
+        shown = ", ".join(str(p) for p in files[:5])
+        more = f" and {len(files) - 5} more" if len(files) > 5 else ""
+        logger.warning("Ignoring %d %s: %s%s", len(files), what, shown, more)
 
 
 def _check_mask(base: Path, image_path: Path, image_size: tuple[int, int]) -> None:
@@ -128,7 +125,12 @@ def _check_mask(base: Path, image_path: Path, image_size: tuple[int, int]) -> No
             f"Defective test image {image_path} has no mask: expected {mask_path}. Add the mask, or move the image "
             "out of the test set."
         )
-    _, mask_size = _open_image(mask_path)
+    check_mask_size(mask_path, image_path, image_size)
+
+
+def check_mask_size(mask_path: Path, image_path: Path, image_size: tuple[int, int]) -> None:
+    """Refuse an unreadable mask, or one whose upright size differs from its image's."""
+    mask_size = inspect_image(mask_path).size
     if mask_size != image_size:
         raise DatasetError(
             f"Mask {mask_path} is {mask_size[0]}x{mask_size[1]} but its image {image_path} is "

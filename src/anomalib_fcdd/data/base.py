@@ -1,0 +1,81 @@
+"""What this package's datamodules share: the up-front dataset check and DataLoaders suited to FCDD's training.
+
+:class:`CheckedDataModule` is a mixin for an anomalib ``AnomalibDataModule``: ``prepare_data()`` (which
+``anomalib-fcdd`` calls before anomalib opens a results folder, and Lightning calls before training) and ``setup()``
+run the subclass's :meth:`~CheckedDataModule.validate_dataset` once, and the loaders keep their workers alive
+across epochs, since FCDD trains for hundreds of short passes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch.utils.data import DataLoader, Dataset
+
+#: Most DataLoader workers used by default; more rarely pays off for small images and costs host memory.
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_num_workers() -> int:
+    """The machine's cores, at most :data:`MAX_DEFAULT_WORKERS` (anomalib's fixed 8 oversubscribes small machines)."""
+    try:
+        cores = len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_WORKERS, cores))
+
+
+class CheckedDataModule:
+    """Mixin: check the dataset once before use, and serve it with persistent workers.
+
+    Subclasses set ``validate`` (bool) and ``_validated = False`` in ``__init__``, implement
+    :meth:`validate_dataset`, and call :meth:`check_dataset` at the start of ``_setup``.
+    """
+
+    validate: bool
+    _validated: bool
+    num_workers: int
+    train_batch_size: int
+    eval_batch_size: int
+    train_data: Any
+    val_data: Any
+    external_collate_fn: Any
+
+    def validate_dataset(self) -> None:
+        """Check what is on disk; raise a :class:`~.errors.DatasetError` naming the file and the fix."""
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        """Check the dataset (nothing is downloaded)."""
+        self.check_dataset()
+
+    def check_dataset(self) -> None:
+        """Run :meth:`validate_dataset` once, unless ``validate=False``."""
+        if self.validate and not self._validated:
+            self.validate_dataset()
+            self._validated = True
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled passes over the normal training images."""
+        return self._training_loader(self.train_data)
+
+    def val_dataloader(self) -> DataLoader:
+        """The validation images in anomalib's order, from workers that outlive each validation."""
+        if len(self.val_data) == 0:
+            return super().val_dataloader()  # type: ignore[misc]
+        return self._loader(self.val_data, self.eval_batch_size, shuffle=False)
+
+    def _training_loader(self, dataset: Dataset) -> DataLoader:
+        return self._loader(dataset, self.train_batch_size, shuffle=True)
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        """A ``DataLoader`` whose workers persist across epochs (FCDD runs hundreds of short passes)."""
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.external_collate_fn or getattr(dataset, "collate_fn", self.train_data.collate_fn),
+        )
