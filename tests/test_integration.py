@@ -140,6 +140,7 @@ def test_every_config_runs_briefly(config: str, synthetic_root: Path, tmp_path: 
     assert list(tmp_path.rglob("model.ckpt")), f"{config} produced no checkpoint"
     for name in METRICS:
         assert name in metrics
+    assert type(cli.engine.trainer.strategy.precision_plugin).__name__ == "Precision", "the paper's settings: fp32"
     semi_supervised = config.startswith("semi")
     assert cli.model.real_anomalies == semi_supervised, "real anomalies are used exactly in the semi-supervised setting"
     if semi_supervised:
