@@ -30,7 +30,8 @@ CONFIG_COLUMNS = (
     "n_train_anomalous",
     "n_test",
 )
-METRIC_COLUMNS = ("image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro")
+#: ``pixel_auroc_full``: the paper's protocol (masks at their original resolution); the rest: at model resolution.
+METRIC_COLUMNS = ("image_auroc", "pixel_auroc", "pixel_ap", "pixel_aupro", "pixel_auroc_full")
 COST_COLUMNS = (
     "train_time_s",
     "test_time_s",

@@ -90,6 +90,8 @@ def _cuda() -> Any:
 
 #: Fields the recorder keeps from every test batch.
 RECORDED_FIELDS = ("pred_score", "gt_label", "anomaly_map", "gt_mask")
+#: Per-image paths kept for the paper's full-resolution pixel AUROC (:func:`full_resolution_pixel_auroc`).
+RECORDED_PATHS = ("image_path", "mask_path")
 
 
 def make_test_recorder() -> Any:
@@ -106,10 +108,12 @@ def make_test_recorder() -> Any:
             self.start = math.nan
             self.end = math.nan
             self.outputs: dict[str, list[Any]] = {name: [] for name in RECORDED_FIELDS}
+            self.paths: dict[str, list[str]] = {name: [] for name in RECORDED_PATHS}
 
         def on_test_epoch_start(self, trainer: Any, pl_module: Any) -> None:
             self.images, self.start = 0, time.perf_counter()
             self.outputs = {name: [] for name in RECORDED_FIELDS}
+            self.paths = {name: [] for name in RECORDED_PATHS}
 
         def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, *args: Any) -> None:
             cuda = _cuda()
@@ -121,6 +125,9 @@ def make_test_recorder() -> Any:
                 value = getattr(outputs, name, None)
                 if value is not None:
                     self.outputs[name].append(value.detach().to("cpu"))
+            for name in RECORDED_PATHS:
+                paths = getattr(batch, name, None)
+                self.paths[name] += [str(path) if path else "" for path in (paths or [""] * batch.image.shape[0])]
 
         @property
         def images_per_second(self) -> float:
@@ -166,6 +173,43 @@ def compute_metrics(outputs: dict[str, list[Any]]) -> dict[str, float]:
         results["pixel_ap"] = _safe_compute(AUPR(fields=["anomaly_map", "gt_mask"]), pixels)
         results["pixel_aupro"] = _safe_compute(AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3), pixels)
     return results
+
+
+def full_resolution_pixel_auroc(
+    maps: Sequence[Any], image_paths: Sequence[str], mask_paths: Sequence[str], bins: int = 1 << 16
+) -> float:
+    """Pixel AUROC at each image's original resolution, the paper's protocol (its sec. 4).
+
+    Every ``h x w`` anomaly map is nearest-upsampled to its image's original size and compared with the original mask
+    (all zeros where an image has none). The pixels are counted into ``bins`` equal-width score bins over the maps'
+    global range, so memory is the maps at model resolution plus one image at a time; the AUROC of the binned counts
+    (ties within a bin count half) differs from the exact one by far less than a point at 65,536 bins.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    stacked = [torch.as_tensor(m, dtype=torch.float64).reshape(m.shape[-2:]) for m in maps]
+    low, high = min(float(m.min()) for m in stacked), max(float(m.max()) for m in stacked)
+    scale = (bins - 1) / (high - low) if high > low else 0.0
+    positives = np.zeros(bins, dtype=np.int64)
+    negatives = np.zeros(bins, dtype=np.int64)
+    for anomaly_map, image_path, mask_path in zip(stacked, image_paths, mask_paths, strict=True):
+        if mask_path:
+            mask = np.asarray(Image.open(mask_path).convert("L")) > 127
+        else:
+            with Image.open(image_path) as image:
+                mask = np.zeros(image.size[::-1], dtype=bool)
+        upsampled = torch.nn.functional.interpolate(anomaly_map[None, None], size=mask.shape, mode="nearest")[0, 0]
+        indices = ((upsampled - low) * scale).round().long().numpy().ravel()
+        flat = mask.ravel()
+        positives += np.bincount(indices[flat], minlength=bins)
+        negatives += np.bincount(indices[~flat], minlength=bins)
+    if positives.sum() == 0 or negatives.sum() == 0:
+        return math.nan
+    below = np.concatenate([[0], np.cumsum(negatives)[:-1]])  # negatives scored strictly below each bin
+    wins = (positives * below).sum() + 0.5 * (positives * negatives).sum()
+    return float(wins / (positives.sum() * negatives.sum()))
 
 
 def _safe_compute(metric: Any, batch: Any) -> float:
@@ -242,6 +286,12 @@ def fit_and_test(
         started = time.perf_counter()
         engine.test(model=model, datamodule=datamodule, verbose=False)
         metrics = compute_metrics(recorder.outputs)
+        if recorder.outputs["anomaly_map"] and all(recorder.paths["image_path"]):
+            metrics["pixel_auroc_full"] = full_resolution_pixel_auroc(
+                [m for batch in recorder.outputs["anomaly_map"] for m in batch],
+                recorder.paths["image_path"],
+                recorder.paths["mask_path"],
+            )
         test_time = time.perf_counter() - started
     return FitTestResult(
         metrics=metrics,

@@ -271,3 +271,37 @@ def test_parallel_workers_fill_one_results_folder(tmp_path: Path) -> None:
     assert run.main(arguments) == 0
     rows = storing.ResultStore(tmp_path / "out" / "runs").rows()
     assert len(rows) == 16 and len({tuple(row[c] for c in jobs.KEY_COLUMNS) for row in rows}) == 16
+
+
+def test_full_resolution_pixel_auroc_matches_sklearn_on_upsampled_maps(tmp_path: Path) -> None:
+    """Independent computation: upsample by hand (np.repeat), read the masks, sklearn's exact AUROC."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    maps, images, masks, truth, scores = [], [], [], [], []
+    for index, (height, width) in enumerate([(64, 48), (32, 32), (96, 64)]):  # 4x, 2x and 6x/4x the 16 x 16 map
+        low = rng.random((16, 12 if index == 0 else 16)).astype(np.float32)
+        image = tmp_path / f"{index}.png"
+        Image.fromarray(np.zeros((height, width), dtype=np.uint8)).save(image)
+        mask = np.zeros((height, width), dtype=bool)
+        mask_path = ""
+        if index != 1:  # the middle image is "good": no mask file
+            mask[height // 4 : height // 2, width // 3 :] = True
+            mask_path = str(tmp_path / f"{index}_mask.png")
+            Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+        up = np.repeat(np.repeat(low, height // low.shape[0], axis=0), width // low.shape[1], axis=1)
+        maps.append(torch_tensor(low))
+        images.append(str(image))
+        masks.append(mask_path)
+        truth.append(mask.ravel())
+        scores.append(up.ravel())
+    expected = roc_auc_score(np.concatenate(truth), np.concatenate(scores))
+    assert measuring.full_resolution_pixel_auroc(maps, images, masks) == pytest.approx(expected, abs=1e-4)
+
+
+def torch_tensor(array: object) -> object:
+    import torch
+
+    return torch.as_tensor(array)
