@@ -35,11 +35,21 @@ GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "F"}) | SIXTEEN_BIT_MODE
 #: EXIF orientations (tag 274) that turn the picture by 90 degrees, so width and height swap.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION = 274
+_RESAVE = "Save it as an 8- or 16-bit PNG (grayscale or RGB)."
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class ImageDecodeError(DatasetError):
-    """A file is not an image, is corrupt, or holds pixels that cannot be mapped to [0, 1] unambiguously."""
+    """A file is not an image, is corrupt, or holds pixels that cannot be mapped to [0, 1] unambiguously.
+
+    The message is ``"<path> is <reason>. <fix>"``; ``reason`` alone is what ``predict-openvino`` records for a
+    skipped file.
+    """
+
+    def __init__(self, path: Path, reason: str, fix: str = "Remove or replace this file.") -> None:
+        super().__init__(f"{path} is {reason}. {fix}")
+        self.path = path
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,8 @@ def inspect_image(path: Path | str) -> ImageInfo:
         _check_mode(path, mode)
         try:
             orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        except ImageDecodeError:
+            raise
         except _DECODE_ERRORS as error:
             raise _unreadable(path, error) from error
     with _opened(path) as image:  # PIL's verify must come straight after open
@@ -78,6 +90,8 @@ def inspect_image(path: Path | str) -> ImageInfo:
                 image.verify()
             else:
                 _pixels(path, image)
+        except ImageDecodeError:
+            raise
         except _DECODE_ERRORS as error:
             raise _unreadable(path, error) from error
     if orientation in _TRANSPOSED_ORIENTATIONS:
@@ -91,12 +105,19 @@ def decode_rgb(path: Path | str) -> np.ndarray:
     Raises:
         ImageDecodeError: the file is not an image, is corrupt, or its mode or value range is not supported.
     """
+    return decode_rgb_and_mode(path)[0]
+
+
+def decode_rgb_and_mode(path: Path | str) -> tuple[np.ndarray, str]:
+    """:func:`decode_rgb` and the file's PIL mode (what ``predict-openvino`` reports as converted from)."""
     path = Path(path)
     with _opened(path) as image:
         _check_mode(path, image.mode)
         try:
             upright = ImageOps.exif_transpose(image)
-            return _pixels(path, upright)
+            return _pixels(path, upright), image.mode
+        except ImageDecodeError:
+            raise
         except _DECODE_ERRORS as error:
             raise _unreadable(path, error) from error
 
@@ -115,6 +136,8 @@ def decode_mask(path: Path | str) -> torch.Tensor:
             if upright.mode in EIGHT_BIT_MODES:
                 upright = upright.convert("L")
             return torch.from_numpy(np.asarray(upright) != 0)
+        except ImageDecodeError:
+            raise
         except _DECODE_ERRORS as error:
             raise _unreadable(path, error) from error
 
@@ -123,25 +146,18 @@ def _opened(path: Path) -> Image.Image:
     try:
         return Image.open(path)
     except UnidentifiedImageError as error:
-        raise ImageDecodeError(
-            f"{path} is not a readable image (not a recognised image format). Remove or replace this file."
-        ) from error
+        raise ImageDecodeError(path, "not a readable image (not an image file: format not recognised)") from error
     except _DECODE_ERRORS as error:
         raise _unreadable(path, error) from error
 
 
 def _unreadable(path: Path, error: BaseException) -> ImageDecodeError:
-    return ImageDecodeError(
-        f"{path} is not a readable image ({type(error).__name__}: {error}). Remove or replace this file."
-    )
+    return ImageDecodeError(path, f"not a readable image, corrupt or truncated ({type(error).__name__}: {error})")
 
 
 def _check_mode(path: Path, mode: str) -> None:
     if mode not in EIGHT_BIT_MODES | SIXTEEN_BIT_MODES | {"I", "F"}:
-        raise ImageDecodeError(
-            f"{path} has pixel mode {mode!r}, which cannot be mapped to RGB unambiguously. Save it as an 8- or 16-bit "
-            "PNG (grayscale or RGB)."
-        )
+        raise ImageDecodeError(path, f"in pixel mode {mode!r}, which has no unambiguous RGB reading", _RESAVE)
 
 
 def _pixels(path: Path, image: Image.Image) -> np.ndarray:
@@ -155,17 +171,13 @@ def _pixels(path: Path, image: Image.Image) -> np.ndarray:
     if image.mode == "F":
         low, high = float(values.min()), float(values.max())
         if low < 0 or high > 1 or not np.isfinite(values).all():
-            raise ImageDecodeError(
-                f"{path} is a float image with values in [{low:g}, {high:g}], not [0, 1]. Save it as an 8- or 16-bit "
-                "PNG."
-            )
+            raise ImageDecodeError(path, f"a float image with values in [{low:g}, {high:g}], not [0, 1]", _RESAVE)
         gray = values.astype(np.float32)
     else:  # 16-bit grayscale, or PIL's 32-bit "I" holding 16-bit data
         low, high = int(values.min()), int(values.max())
         if low < 0 or high > 65535:
             raise ImageDecodeError(
-                f"{path} is a 32-bit integer image with values in [{low}, {high}], beyond 16 bits. Save it as an 8- or "
-                "16-bit PNG."
+                path, f"a 32-bit integer image with values in [{low}, {high}], beyond 16 bits", _RESAVE
             )
         gray = values.astype(np.float32) / np.float32(65535)
     return np.repeat(gray[..., None], 3, axis=2)

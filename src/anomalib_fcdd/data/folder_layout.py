@@ -1,8 +1,9 @@
 """anomalib's ``Folder`` layout (normal, abnormal, normal-test and mask folders), resolved and checked before use.
 
-anomalib's ``Folder`` pairs images with masks by *sorted position* and only checks that the image's stem is a
-substring of the mask's: with ``<name>_mask.png`` files, ``a1.png`` sorts before ``a10.png`` while ``a1_mask.png``
-sorts after ``a10_mask.png``, so masks can be silently swapped. Here a mask is matched by stem -- ``<stem>.<ext>`` or
+anomalib's ``Folder`` pairs images with masks by *sorted position* and then checks that each image's stem is a
+substring of its mask's: with ``<name>_mask.png`` files, ``a1.png`` sorts before ``a10.png`` while ``a1_mask.png``
+sorts after ``a10_mask.png``, so a complete dataset is refused with a ``MisMatchError``, and one missing or extra
+mask shifts every later pair. Here a mask is matched by stem -- ``<stem>.<ext>`` or
 ``<stem>_mask.<ext>``, any image extension -- within the mask folder paired with the image's abnormal folder (when
 there are as many mask folders as abnormal ones) or within all mask folders; a missing, ambiguous or shared mask is an
 error naming the file.
@@ -15,6 +16,7 @@ grayscale and colour images, and files that will be ignored (a warning).
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -65,11 +67,19 @@ class FolderLayout:
         suffixes = tuple(s.lower() for s in (extensions or IMAGE_EXTENSIONS))
         return cls(as_list(normal_dir), as_list(abnormal_dir), as_list(normal_test_dir), as_list(mask_dir), suffixes)
 
-    def images(self, folder: Path, ignored: list[Path] | None = None) -> list[Path]:
-        """Image files under ``folder`` (recursive, hidden entries skipped, as anomalib reads), sorted."""
+    def images(self, folder: Path, ignored: list[Path] | None = None, follow_links: bool = False) -> list[Path]:
+        """Image files under ``folder``, sorted: recursive, hidden entries skipped.
+
+        Without ``follow_links`` this is exactly what anomalib lists (``Path.glob("**/*")``, which does not enter
+        symlinked subfolders); masks are looked up with it, so a mask folder may be a folder of links.
+        """
+        if follow_links:
+            found = [Path(top) / name for top, _, names in os.walk(folder, followlinks=True) for name in names]
+        else:
+            found = [path for path in folder.rglob("*") if not path.is_dir()]
         files = []
-        for path in sorted(folder.rglob("*")):
-            if path.is_dir() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+        for path in sorted(found):
+            if any(part.startswith(".") for part in path.relative_to(folder).parts):
                 continue
             if path.suffix.lower() in self.extensions:
                 files.append(path)
@@ -121,7 +131,7 @@ class FolderLayout:
         """Mask files by the image stem they can belong to (``a.png`` and ``a_mask.png`` both to ``a``)."""
         index: dict[str, list[Path]] = defaultdict(list)
         for folder in folders:
-            for mask in self.images(folder):
+            for mask in self.images(folder, follow_links=True):
                 index[mask.stem].append(mask)
                 if mask.stem.endswith(MASK_SUFFIX):
                     index[mask.stem[: -len(MASK_SUFFIX)]].append(mask)
@@ -157,7 +167,7 @@ def validate_folder_layout(layout: FolderLayout) -> FolderSummary:
         for folder in folders:
             if not folder.is_dir():
                 raise DatasetError(f"{option} {folder} does not exist (or is not a folder). Check --data.{option}.")
-            found = layout.images(folder, summary.ignored_files)
+            found = layout.images(folder, summary.ignored_files, follow_links=option == "mask_dir")
             if not found:
                 raise DatasetError(
                     f"{option} {folder} has no images (looked for {', '.join(layout.extensions)}, in subfolders too)."

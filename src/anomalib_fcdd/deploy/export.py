@@ -89,13 +89,17 @@ class TrainingImagesForCalibration:
     fixed). This adapter answers ``val_dataloader()`` with an unshuffled loader over (at most ``max_images`` of) the
     training split, so calibration is deterministic and never sees test images. Images stay raw -- the graph resizes
     them -- unless the graph has a fixed ``image_size``, in which case they are resized to it (bilinear).
+
+    Batches hold one image unless the graph's batch size is fixed: raw images may differ in size, and nncf counts
+    each batch as one sample, so 32 images in one batch of the datamodule's size were "only 1 samples" to it (and
+    images beyond the last full batch were dropped).
     """
 
     def __init__(self, datamodule: Any, max_images: int = 300, image_size: tuple[int, int] | None = None) -> None:
         self.datamodule = datamodule
         self.max_images = max_images
         self.image_size = image_size
-        self.train_batch_size = getattr(datamodule, "train_batch_size", 8)
+        self.train_batch_size = 1  # the quantiser sets the graph's batch size here when it is fixed
 
     def setup(self, stage: str | None = None) -> None:
         """Set up the wrapped datamodule (idempotent in anomalib)."""

@@ -12,11 +12,16 @@ raw image to the thresholded result runs inside the graph through anomalib's ``O
 * ``skipped.csv``: every input that could not be scored (not an image, corrupt), with the reason;
 * ``overlays/<stem>_overlay.png``: the image with the anomaly heatmap blended in and the predicted mask outlined.
 
-Inputs may be a file, a folder (searched recursively) or a glob, in any number. Images of any size are accepted;
-grayscale, palette and RGBA images are converted to RGB (noted in the log and the CSV). Unreadable files are named and
+Inputs may be a file, a folder (searched recursively) or a glob, in any number. Images of any size are accepted and
+decoded exactly as training and testing decode them (:mod:`anomalib_fcdd.data.decode`): turned upright by their EXIF
+orientation; grayscale, palette and RGBA images converted to RGB, 16-bit images scaled by 65535 (noted in the log and
+the CSV); images with no unambiguous RGB reading skipped with the reason. Unreadable files are named and
 skipped without stopping the batch. OpenVINO's CPU plugin runs in bf16 on CPUs that support it, which moves scores by a
-few per cent; ``--precision f32`` (the default) keeps the exported model's exact results. Camera images are turned
-upright by their EXIF orientation. anomalib's inferencer caches compiled models in ``./openvino_cache``.
+few per cent; ``--precision f32`` (the default) keeps the exported model's exact results.
+
+Compiled models are cached in ``$XDG_CACHE_HOME/anomalib-fcdd/openvino`` (``~/.cache/...``), so the next run starts
+faster, instead of the ``./openvino_cache`` that anomalib's inferencer leaves in the working directory;
+``--cache-dir DIR`` puts the cache elsewhere and ``--cache-dir none`` turns it off.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import csv
 import glob
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter
 
 logger = logging.getLogger(__name__)
 
@@ -152,37 +158,20 @@ def _hidden(relative: Path) -> bool:
 
 
 def load_image(path: Path) -> LoadedImage:
-    """Decode ``path`` into RGB float32 in [0, 1], converting other modes.
+    """Decode ``path`` exactly as training and testing do (:func:`anomalib_fcdd.data.decode.decode_rgb`).
 
     Raises:
-        ValueError: the file is not an image or is corrupt/truncated (message says which).
+        ValueError: the file is not an image, is corrupt/truncated, or has pixels with no unambiguous RGB reading
+            (the message says which).
     """
+    from anomalib_fcdd.data.decode import ImageDecodeError, decode_rgb_and_mode
+
     try:
-        with Image.open(path) as image:
-            image.load()
-            mode = image.mode
-            array = _to_rgb_array(ImageOps.exif_transpose(image))
-    except UnidentifiedImageError as error:
-        raise ValueError("not an image file (format not recognised)") from error
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"corrupt or truncated image ({type(error).__name__}: {error})") from error
+        array, mode = decode_rgb_and_mode(path)
+    except ImageDecodeError as error:
+        raise ValueError(error.reason) from error
     note = None if mode == "RGB" else f"converted from {mode} to RGB"
     return LoadedImage(array=array, source_mode=mode, note=note)
-
-
-def _to_rgb_array(image: Image.Image) -> np.ndarray:
-    """``H x W x 3`` float32 in [0, 1]; alpha is dropped, high-bit-depth grayscale is scaled by its bit depth."""
-    if image.mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
-        values = np.asarray(image, dtype=np.float32)
-        if image.mode == "F" and values.max() <= 1:
-            scale = 1.0
-        elif image.mode.startswith("I;16") or values.max() > 255:
-            scale = 65535.0
-        else:
-            scale = 255.0
-        gray = np.clip(values / scale, 0, 1)
-        return np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
-    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
 def static_input_size(inferencer: Any) -> tuple[int, int] | None:
@@ -248,13 +237,48 @@ def _overlay_path(folder: Path, source: Path, taken: set[str]) -> Path:
 # ---------------------------------------------------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------------------------------------------------
-def load_inferencer(model_file: Path, device: str = "CPU", precision: str = "f32") -> Any:
-    """anomalib's ``OpenVINOInferencer`` for ``model_file`` (``.xml`` or ``.onnx``) at the requested precision."""
+def default_cache_dir() -> Path:
+    """Where compiled models are cached: ``$XDG_CACHE_HOME/anomalib-fcdd/openvino``, else ``~/.cache/...``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "anomalib-fcdd" / "openvino"
+
+
+def load_inferencer(
+    model_file: Path, device: str = "CPU", precision: str = "f32", cache_dir: Path | None = None
+) -> Any:
+    """anomalib's ``OpenVINOInferencer`` for ``model_file`` (``.xml`` or ``.onnx``) at the requested precision.
+
+    Compiled models are cached in ``cache_dir`` (``None``: no cache), not in anomalib's ``./openvino_cache``.
+    """
     from anomalib.deploy import OpenVINOInferencer
 
     if precision not in PRECISION_CONFIG:
         raise PredictError(f"Unknown precision {precision!r}; choose from {sorted(PRECISION_CONFIG)}.")
-    return OpenVINOInferencer(path=model_file, device=device, config=PRECISION_CONFIG[precision])
+    if cache_dir is not None:
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            logger.info("No compiled-model cache: %s cannot be created (%s).", cache_dir, error)
+            cache_dir = None
+
+    class CachingInferencer(OpenVINOInferencer):
+        """anomalib's inferencer, compiling with this run's cache folder (anomalib's hard-codes one in the cwd)."""
+
+        def load_model(self, path: str | Path | tuple[bytes, bytes]) -> tuple[Any, Any, Any]:
+            import openvino as ov
+
+            path = Path(path) if not isinstance(path, tuple) else path
+            if isinstance(path, tuple) or path.suffix not in {".xml", ".onnx"}:
+                raise PredictError(f"Expected a .xml or .onnx model file, got {path}.")
+            core = ov.Core()
+            model = core.read_model(path, path.with_suffix(".bin")) if path.suffix == ".xml" else core.read_model(path)
+            config = dict(self.config or {})
+            if cache_dir is not None:
+                config["CACHE_DIR"] = str(cache_dir)
+            compiled = core.compile_model(model=model, device_name=self.device, config=config)
+            return compiled.input(0), compiled.output(0), compiled
+
+    return CachingInferencer(path=model_file, device=device, config=PRECISION_CONFIG[precision])
 
 
 def predict_one(inferencer: Any, path: Path, overlay: Path, input_size: tuple[int, int] | None) -> Prediction:
@@ -396,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(PRECISION_CONFIG),
         help="inference precision hint; f32 (default) reproduces the exported model, auto = device default",
     )
+    parser.add_argument(
+        "--cache-dir",
+        default=str(default_cache_dir()),
+        help="folder for OpenVINO's compiled-model cache (default: %(default)s); 'none' for no cache",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -413,7 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             files = collect_inputs(args.input, exclude=output)
             if not files:
                 raise PredictError(f"No files found in {args.input}.")
-            inferencer = load_inferencer(model_file, args.device, args.precision)
+            cache_dir = None if args.cache_dir.lower() == "none" else Path(args.cache_dir)
+            inferencer = load_inferencer(model_file, args.device, args.precision, cache_dir)
         except PredictError as error:
             logger.error("%s", error)
             return 2
