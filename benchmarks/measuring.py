@@ -90,8 +90,9 @@ def _cuda() -> Any:
 
 #: Fields the recorder keeps from every test batch.
 RECORDED_FIELDS = ("pred_score", "gt_label", "anomaly_map", "gt_mask")
-#: Per-image paths kept for the paper's full-resolution pixel AUROC (:func:`full_resolution_pixel_auroc`).
-RECORDED_PATHS = ("image_path", "mask_path")
+#: Per-image paths kept for the paper's full-resolution pixel AUROC (:func:`full_resolution_pixel_auroc`); the mask
+#: paths come from the test set's samples, since anomalib's collation drops a batch's mask paths if one is missing.
+RECORDED_PATHS = ("image_path",)
 
 
 def make_test_recorder() -> Any:
@@ -287,10 +288,14 @@ def fit_and_test(
         engine.test(model=model, datamodule=datamodule, verbose=False)
         metrics = compute_metrics(recorder.outputs)
         if recorder.outputs["anomaly_map"] and all(recorder.paths["image_path"]):
+            samples = datamodule.test_data.samples
+            masks = {
+                str(image): str(mask or "") for image, mask in zip(samples.image_path, samples.mask_path, strict=True)
+            }
             metrics["pixel_auroc_full"] = full_resolution_pixel_auroc(
                 [m for batch in recorder.outputs["anomaly_map"] for m in batch],
                 recorder.paths["image_path"],
-                recorder.paths["mask_path"],
+                [masks.get(path, "") for path in recorder.paths["image_path"]],
             )
         test_time = time.perf_counter() - started
     return FitTestResult(
