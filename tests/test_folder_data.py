@@ -73,7 +73,9 @@ def test_names_that_sort_differently_from_their_masks(tmp_path: Path) -> None:
         mask = np.zeros((4, 4), dtype=np.uint8)
         mask[row] = 255
         Image.fromarray(mask).save(tmp_path / "gt" / f"{name}_mask.png")
-    dm = Folder(root=tmp_path, normal_dir="good", abnormal_dir="bad", mask_dir="gt", num_workers=0)
+    dm = Folder(
+        root=tmp_path, normal_dir="good", abnormal_dir="bad", mask_dir="gt", num_workers=0, val_split_mode="none"
+    )
     dm.setup()
     data = dm.test_data
     anomalous = [data[index] for index in range(len(data)) if data[index].gt_label]
