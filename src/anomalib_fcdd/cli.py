@@ -8,7 +8,9 @@ anomalib 2.7's CLI accepts neither snake-case model names nor ``MVTec``.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -41,16 +43,12 @@ _SHOWN_NAMES = {
 }
 #: Subcommands that read the datamodule, whose folder check runs before the Engine opens a results folder.
 _DATA_SUBCOMMANDS = {"fit", "validate", "test", "train", "predict"}
-HELP_PREFACE = """anomalib-fcdd: anomalib's command line with FCDD's short names, and two commands of its own.
-
-  anomalib-fcdd demo --help               the offline demo: FCDD on real texture photographs, with a report
-  anomalib-fcdd predict-openvino --help   score images with an exported OpenVINO model (CSV and heatmaps)
-
-  Short names: --model fcdd_hsc | fcdd, --data MVTec | MVTecFewAnomalies (full class paths work as well).
-  Example: anomalib-fcdd train --model fcdd_hsc --data MVTec --data.root ./datasets/MVTecAD --data.category bottle
-
-anomalib's own help follows.
-"""
+#: Subcommands for which the Engine creates the next ``vN`` and moves ``latest`` to it.
+_VERSIONED_SUBCOMMANDS = {"fit", "train"}
+#: Subcommands that end with a line naming the checkpoint, the metrics and the heatmaps.
+_SUMMARY_SUBCOMMANDS = {"fit", "train", "test"}
+#: Arguments that ask for the top-level help only (answered without importing torch or anomalib).
+_TOP_LEVEL_HELP = ([], ["-h"], ["--help"])
 
 
 class UsageError(UserInputError):
@@ -100,11 +98,13 @@ def rewrite_arguments(arguments: Sequence[str]) -> list[str]:
 
 
 def _fcdd_cli() -> type:
-    """anomalib's CLI, checking an MVTec folder before the Engine opens a results folder for the run."""
+    """anomalib's CLI with checks before the Engine opens a results folder, and run folders never left broken."""
     from anomalib.cli.cli import AnomalibCLI
 
+    from .checkpoints import check_checkpoint
     from .data import MVTec
-    from .models.fcdd.lightning_model import check_options
+    from .models.fcdd.lightning_model import FcddHsc, check_options
+    from .runs import RunFolder, RunWatch, category_folder
 
     class FcddCLI(AnomalibCLI):
         def before_instantiate_classes(self) -> None:
@@ -113,15 +113,78 @@ def _fcdd_cli() -> type:
             if _is_fcdd(getattr(model, "class_path", None)):
                 check_options(dict(vars(model.init_args)) if model.init_args is not None else {})
 
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except ValueError:
+                # jsonargparse reports an exception raised while building the model (a weight file that does not
+                # load or fit) inside a long "does not validate against any of the Union subtypes" message.
+                _raise_model_error(self._get(self.config, "model"))
+                raise
+
+        def instantiate_engine(self) -> None:
+            self.run_watch = RunWatch()
+            trainer = self._get(self.config_init, "trainer")
+            if trainer is not None:
+                callbacks = trainer.get("callbacks") or []
+                trainer["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), self.run_watch]
+            super().instantiate_engine()
+
         def _run_subcommand(self) -> None:
             datamodule: Any = getattr(self, "datamodule", None)
+            model: Any = getattr(self, "model", None)
             if self.subcommand in _DATA_SUBCOMMANDS and isinstance(datamodule, MVTec):
                 # A bad dataset then stops the run before anomalib creates the next version folder and points
                 # ``latest`` at it, so the last good run's ``latest`` stays where it was.
                 datamodule.prepare_data()
-            super()._run_subcommand()
+            checkpoint = self._get(self.config, "ckpt_path")
+            fcdd = isinstance(model, FcddHsc)
+            if checkpoint:
+                check_checkpoint(checkpoint, model.hparams.get("backbone") if fcdd else None)
+            elif self.subcommand == "export" and fcdd:
+                raise UsageError(
+                    "export needs a trained model: pass --ckpt_path <run>/weights/lightning/model.ckpt (written by "
+                    "anomalib-fcdd train, e.g. results/FcddHsc/MVTec/bottle/latest/weights/lightning/model.ckpt). "
+                    "Without one the export would hold an untrained network."
+                )
+            trainer = self._get(self.config, "trainer") or {}
+            root = trainer.get("default_root_dir") if self.subcommand in _DATA_SUBCOMMANDS else None
+            folder = category_folder(root, model, datamodule) if root is not None else None
+            if folder is None:
+                super()._run_subcommand()
+                return
+            run = RunFolder(folder, creates_version=self.subcommand in _VERSIONED_SUBCOMMANDS)
+            run.prepare()
+            try:
+                super()._run_subcommand()
+            except BaseException as error:
+                what_happened = run.failed(error, self.run_watch)
+                if self.run_watch.started:  # a run that never started is simply gone; the error line says why
+                    logging.getLogger(__name__).error("The run did not finish: %s.", what_happened)
+                raise
+            if self.subcommand in _SUMMARY_SUBCOMMANDS:
+                line = self.run_watch.summary(checkpoint)
+                if line:
+                    print(line)
 
     return FcddCLI
+
+
+def _raise_model_error(model: Any) -> None:
+    """Build an FCDD model from its parsed options again, so that a :class:`UserInputError` it raises surfaces."""
+    class_path = getattr(model, "class_path", None)
+    if not _is_fcdd(class_path):
+        return
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    init_args = dict(vars(model.init_args)) if model.init_args is not None else {}
+    try:
+        getattr(importlib.import_module(module), name)(**init_args)
+    except UserInputError:
+        raise
+    except Exception:  # anything else: jsonargparse's own message stands
+        return
 
 
 def _is_fcdd(class_path: str | None) -> bool:
@@ -151,6 +214,9 @@ def _report(error: UserInputError) -> None:
 
 def main(arguments: Sequence[str] | None = None) -> None:
     """Entry point of ``anomalib-fcdd``."""
+    from .logging_setup import silence_import_warnings
+
+    silence_import_warnings()
     arguments = list(sys.argv[1:] if arguments is None else arguments)
     if arguments and arguments[0] == "demo":
         from .demo.cli import main as demo_main
@@ -160,16 +226,20 @@ def main(arguments: Sequence[str] | None = None) -> None:
         from anomalib_fcdd.deploy.predict import main as predict_openvino
 
         raise SystemExit(predict_openvino(arguments[1:]))
-    if not arguments or arguments[0] in {"-h", "--help"}:
-        print(HELP_PREFACE)
-    from anomalib.loggers import configure_logger
+    if arguments in _TOP_LEVEL_HELP:
+        from .cli_help import print_help
 
-    import anomalib_fcdd  # noqa: F401  (registers the classes for benchmark configs)
+        print_help()
+        raise SystemExit(0)
+    from .logging_setup import configure_logging, quiet_export
+    from .registration import register
 
+    configure_logging()
     try:
         rewritten = rewrite_arguments(arguments)
-        configure_logger()
-        _fcdd_cli()(args=rewritten)
+        register()  # the short class names for benchmark configs (``class_path: FcddHsc``)
+        with quiet_export() if arguments[0] == "export" else contextlib.nullcontext():
+            _fcdd_cli()(args=rewritten)
     except UserInputError as error:
         _report(error)
 

@@ -1,0 +1,75 @@
+"""Checks of ``--ckpt_path`` before a run, so that a wrong checkpoint is one line instead of a traceback.
+
+Lightning reports a missing file with a traceback, a truncated one with ``OSError: [Errno 22] Invalid argument``,
+and a checkpoint of another backbone with 148 lines of mismatched state-dict keys. The checkpoint is read here once
+with ``weights_only=True`` (no code runs) and its saved ``hyper_parameters['backbone']`` compared with the model's.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+from .errors import UserInputError
+
+
+class CheckpointError(UserInputError):
+    """``--ckpt_path`` names no file, an unreadable file, or a checkpoint of another network."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any] | None:
+    """The checkpoint's contents, or ``None`` when it holds objects that ``weights_only`` refuses (others' models).
+
+    Raises:
+        CheckpointError: the file is missing, not a file, truncated or corrupted.
+    """
+    import torch
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise CheckpointError(
+            f"Checkpoint {path} {what} (--ckpt_path). Training writes it to "
+            "<default_root_dir>/<Model>/<Data>/<category>/latest/weights/lightning/model.ckpt."
+        )
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights_only" in str(error) or "Weights only" in str(error):
+            return None  # readable, but holds classes only the model's own loader allows; Lightning loads it
+        raise _unreadable(path, error) from error
+    except Exception as error:  # truncated zip, bad magic number, EOF: torch raises several unrelated types
+        raise _unreadable(path, error) from error
+    if not isinstance(loaded, dict) or "state_dict" not in loaded:
+        raise CheckpointError(
+            f"{path} (--ckpt_path) is not a Lightning checkpoint (no 'state_dict' entry); pass the model.ckpt "
+            "that training wrote under weights/lightning/."
+        )
+    return loaded
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    return CheckpointError(
+        f"Cannot read checkpoint {path} (--ckpt_path): it is truncated or corrupted ({type(error).__name__}: "
+        f"{first_line}). Copy it again, or train anew."
+    )
+
+
+def check_checkpoint(path: str | Path, backbone: str | None) -> None:
+    """Refuse an unreadable checkpoint, and one trained with another backbone than ``backbone`` (when given).
+
+    Raises:
+        CheckpointError: naming the file and, for a backbone mismatch, the option to pass.
+    """
+    loaded = read_checkpoint(path)
+    if loaded is None or backbone is None:
+        return
+    hyper_parameters = loaded.get("hyper_parameters")
+    trained = hyper_parameters.get("backbone") if isinstance(hyper_parameters, dict) else None
+    if isinstance(trained, str) and trained != backbone:
+        raise CheckpointError(
+            f"--ckpt_path {Path(path).expanduser()}: this checkpoint was trained with {trained}, not {backbone}; "
+            f"pass --model.backbone {trained}."
+        )
