@@ -1,4 +1,4 @@
-"""``predict_files`` keeps every result it has, whatever goes wrong on the way (no OpenVINO model needed)."""
+"""Deployment keeps what it should: every score (predict_files), a clean working directory, every calibration image."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from anomalib_fcdd.deploy import predict as predict_module
@@ -97,3 +98,44 @@ def test_shortened_multibyte_names_stay_valid_and_distinct(tmp_path: Path) -> No
     assert first.name == "é" * 100 + "_overlay.png"
     assert second.name == "é" * 100 + "_1_overlay.png"
     assert len(first.name.encode()) <= 255
+
+
+def _tiny_openvino_model(path: Path) -> Path:
+    """A one-op OpenVINO graph (ReLU over a dynamic-size image), enough to compile."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    image = ops.parameter([1, 3, -1, -1], np.float32, name="image")
+    ov.save_model(ov.Model([ops.relu(image)], [image], "tiny"), path)
+    return path
+
+
+def test_compiled_models_are_cached_in_the_given_folder_not_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _tiny_openvino_model(tmp_path / "model.xml")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    predict_module.load_inferencer(model, cache_dir=tmp_path / "cache")
+    assert list(work.iterdir()) == [], "anomalib's inferencer would leave openvino_cache/ here"
+    assert any((tmp_path / "cache").iterdir()), "the compiled model is cached where asked"
+    predict_module.load_inferencer(model, cache_dir=None)
+    assert list(work.iterdir()) == []
+
+
+def test_default_cache_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert predict_module.default_cache_dir() == tmp_path / "anomalib-fcdd" / "openvino"
+
+
+def test_int8_calibration_sees_each_requested_image_as_one_sample() -> None:
+    """32 images of different sizes from a datamodule with batch size 32: nncf must count 32 samples, not 1 batch."""
+    from anomalib_fcdd.deploy.export import TrainingImagesForCalibration
+
+    images = [SimpleNamespace(image=torch.full((3, 8 + i, 10), float(i))) for i in range(40)]
+    datamodule = SimpleNamespace(train_data=images, train_batch_size=32, setup=lambda stage=None: None)
+    loader = TrainingImagesForCalibration(datamodule, max_images=32).val_dataloader()
+    batches = list(loader)
+    assert len(loader) == 32 and len(batches) == 32
+    assert [int(batch["image"][0, 0, 0, 0]) for batch in batches] == list(range(32))
