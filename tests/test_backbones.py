@@ -480,3 +480,29 @@ def test_fcdd_runs_with_backbone(name: str, tiny_root: Path, tmp_path: Path) -> 
     results = fit_and_test(model, tiny_root, tmp_path)
     assert {"image_AUROC", "pixel_AUROC"} <= results.keys()
     assert all(math.isfinite(value) for value in results.values())
+
+
+@pytest.mark.parametrize(("taps", "pool"), [((4, 5, 6), 1), ((4, 6), 3)])
+def test_multi_scale_receptive_field_matches_gradient_support(taps: tuple[int, ...], pool: int) -> None:
+    """Stride-8 and bilinearly upsampled stride-16 Lite0 stages (and a 3 x 3 pooling) against the input gradient.
+
+    A deep pixel feeds two neighbouring combined pixels, so the support boxes of consecutive pixels alternate around
+    the derived centre: their mean is ``stride * (i + 1/2) + offset``.
+    """
+    from anomalib_fcdd.models.fcdd.backbones.base import timm_model
+    from anomalib_fcdd.models.fcdd.backbones.multi_scale import MultiScaleFeatures
+
+    model = timm_model("tf_efficientnet_lite0")
+    features = MultiScaleFeatures(nn.Sequential(model.conv_stem, model.bn1, *model.blocks), taps, pool)
+    derived = derive_receptive_field(features)
+    assert derived.stride == 8
+    size, pixel = 640, 38  # centre near 320: the field (371 at most) stays inside the image
+    boxes = gradient_support(linearise(features), size, pixel)
+    centres = []
+    for top, bottom, left, right, solid in boxes:
+        assert top > 0 and left > 0 and bottom < size - 1 and right < size - 1, "field touches the border"
+        assert solid
+        assert (bottom - top + 1, right - left + 1) == (derived.size, derived.size)
+        assert (left + right) / 2 == (top + bottom) / 2
+        centres.append((top + bottom) / 2)
+    assert sum(centres) / 2 == derived.stride * (pixel + 0.5) + derived.offset

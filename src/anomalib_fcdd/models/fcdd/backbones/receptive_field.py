@@ -63,8 +63,12 @@ def derive_receptive_field(network: nn.Module) -> ReceptiveField:
     ``network.named_modules()`` must list the main-path layers in data-flow order (true for torchvision VGG and the
     timm ResNets / EfficientNets). Offsets are in pixel-centre coordinates: input pixel ``k`` is centred at ``k``, and
     output pixel ``i`` at ``j * i + s``. For TF-"same" layers the input side at each layer is assumed to be a multiple
-    of its stride (any input that is a multiple of 8 for the stride-8 cuts).
+    of its stride (any input that is a multiple of 8 for the stride-8 cuts). A network that combines branches
+    declares its field itself, as a ``receptive_field`` attribute (:class:`~.multi_scale.MultiScaleFeatures`).
     """
+    declared = getattr(network, "receptive_field", None)
+    if isinstance(declared, ReceptiveField):
+        return declared
     size, stride, offset = 1, 1, 0.0
     for name, layer in network.named_modules():
         if any(part in SHORTCUT_NAMES for part in name.split(".")):
