@@ -64,4 +64,4 @@ def quantize_post_training(model: Any, datamodule: Any) -> Any:
     loader = datamodule.val_dataloader()
     logger.info("INT8_PTQ: calibrating on %d images; float ops: %s", len(loader.dataset), ", ".join(FLOAT_OP_TYPES))
     ignored = nncf.IgnoredScope(types=list(FLOAT_OP_TYPES), validate=False)
-    return nncf.quantize(model, nncf.Dataset(loader, _images), ignored_scope=ignored)
+    return nncf.quantize(model, nncf.Dataset(loader, _images), subset_size=len(loader), ignored_scope=ignored)
