@@ -119,3 +119,20 @@ def test_an_untrained_model_without_constants_refuses_to_score() -> None:
     model = FcddModel(backbone="efficientnet_lite0", pre_trained=False).eval()
     with torch.no_grad(), pytest.raises(ConfigurationError, match="Train the model first"):
         model(torch.rand(1, 3, 32, 32))
+
+
+def test_input_normalization_follows_the_backbone_and_can_be_overridden() -> None:
+    from anomalib_fcdd.models.fcdd.pre_processing import InputNormalization, WeightsNormalization
+    from anomalib_fcdd.models.fcdd.torch_model import FcddModel
+
+    lite = FcddModel(backbone="efficientnet_lite0", pre_trained=True)
+    assert lite.input_normalization == "weights" and isinstance(lite.normalization, WeightsNormalization)
+    images = torch.tensor([0.0, 0.5, 1.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    torch.testing.assert_close(lite.normalization(images)[0, :, 0, 0], torch.tensor([-1.0, 0.0, 1.0]))  # [-1, 1]
+    assert FcddModel(backbone="vgg11_bn", pre_trained=False, minmax="bottle").input_normalization == "lcn_minmax"
+    untrained = FcddModel(backbone="efficientnet_lite0", pre_trained=False, minmax="bottle")
+    assert isinstance(untrained.normalization, InputNormalization)  # no weights, so no weight statistics
+    forced = FcddModel(backbone="efficientnet_lite0", pre_trained=True, input_normalization="lcn_minmax")
+    assert isinstance(forced.normalization, InputNormalization)
+    with pytest.raises(ConfigurationError, match="input_normalization"):
+        FcddModel(backbone="efficientnet_lite0", input_normalization="zscore")

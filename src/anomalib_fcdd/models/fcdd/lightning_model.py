@@ -39,7 +39,13 @@ from .augmentation import FcddAugmentation
 from .backbones import check_backbone_name
 from .backbones.weights import existing_weight_file
 from .loss import FcddLoss, check_loss_name
-from .pre_processing import MVTEC_MINMAX, FcddPreProcessor, MinMaxAccumulator, resolve_minmax
+from .pre_processing import (
+    MVTEC_MINMAX,
+    FcddPreProcessor,
+    MinMaxAccumulator,
+    check_input_normalization,
+    resolve_minmax,
+)
 from .torch_model import FcddModel
 
 logger = logging.getLogger(__name__)
@@ -62,6 +68,8 @@ def check_options(options: Mapping[str, Any]) -> None:
         check_backbone_name(options["backbone"])
     if "precision" in options:
         check_precision(options["precision"])
+    if "input_normalization" in options:
+        check_input_normalization(options["input_normalization"])
     if options.get("minmax") not in {None, "auto"}:
         resolve_minmax(options["minmax"])
     if options.get("weights_path") is not None:
@@ -96,6 +104,9 @@ class FcddHsc(AnomalibModule):
             GPUs with bf16), else ``32-true``.
         accelerate: channels-last tensors and BatchNorm folded at inference (:mod:`.acceleration`); ``False`` runs
             plain eager layers. Either way the network computes the same function up to float rounding.
+        input_normalization: ``lcn_minmax`` (the paper's LCN + min-max, sec. 4), ``weights`` (the statistics the
+            pretrained backbone was trained with) or ``auto``: the paper's for VGG-11-BN and untrained backbones,
+            the weights' own for every other pretrained backbone.
     """
 
     def __init__(
@@ -121,13 +132,21 @@ class FcddHsc(AnomalibModule):
         frozen_bn_train_mode: bool = True,
         precision: str = "auto",
         accelerate: bool = True,
+        input_normalization: str = "auto",
         pre_processor: PreProcessor | bool = True,
         post_processor: Any = True,
         evaluator: Evaluator | bool = True,
         visualizer: Any = True,
     ) -> None:
         check_options(
-            {"loss": loss, "backbone": backbone, "precision": precision, "minmax": minmax, "weights_path": weights_path}
+            {
+                "loss": loss,
+                "backbone": backbone,
+                "precision": precision,
+                "minmax": minmax,
+                "weights_path": weights_path,
+                "input_normalization": input_normalization,
+            }
         )
         super().__init__(
             pre_processor=self.configure_pre_processor((image_size, image_size))
@@ -151,6 +170,7 @@ class FcddHsc(AnomalibModule):
             minmax=None if minmax in {"auto", None} else minmax,
             frozen_bn_train_mode=frozen_bn_train_mode,
             accelerate=accelerate,
+            input_normalization=input_normalization,
         )
         self.loss = FcddLoss(loss)
         self.anomaly_generator = ConfettiAnomalyGenerator(

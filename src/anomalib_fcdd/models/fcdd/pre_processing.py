@@ -158,6 +158,45 @@ def _refresh_readiness(module: nn.Module, incompatible_keys: object) -> None:
     module._has_constants = bool(module.ready)
 
 
+#: ``input_normalization`` choices: ``lcn_minmax`` (the paper's, sec. 4), ``weights`` (the statistics the pretrained
+#: backbone was trained with) and ``auto`` (the paper's for its VGG setting and untrained backbones, else ``weights``).
+INPUT_NORMALIZATIONS = ("auto", "lcn_minmax", "weights")
+
+
+def check_input_normalization(name: str) -> str:
+    """``name`` if it is one of :data:`INPUT_NORMALIZATIONS`, else a :class:`ConfigurationError`."""
+    if name not in INPUT_NORMALIZATIONS:
+        raise ConfigurationError(
+            f"Unknown input_normalization {name!r} (--model.input_normalization); use one of {INPUT_NORMALIZATIONS}."
+        )
+    return name
+
+
+def resolve_input_normalization(name: str, backbone: str, pre_trained: bool) -> str:
+    """``auto`` -> ``lcn_minmax`` for the paper's VGG setting and untrained backbones, else ``weights``."""
+    if check_input_normalization(name) != "auto":
+        return name
+    return "lcn_minmax" if backbone == "vgg11_bn" or not pre_trained else "weights"
+
+
+class WeightsNormalization(nn.Module):
+    """``(x - mean) / std`` per channel, with the statistics the backbone's pretrained weights were trained on.
+
+    Nothing is computed from the data, so it is ready from the start (``ready`` is always True).
+    """
+
+    ready = True
+
+    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalise ``B x 3 x H x W`` images in [0, 1]."""
+        return (images - self.mean) / self.std
+
+
 class MinMaxAccumulator:
     """Running per-channel minimum and maximum of LCN-normalised images (memory independent of the dataset size)."""
 

@@ -22,7 +22,7 @@ from torch import nn
 from .acceleration import Acceleration
 from .anomaly_map import ReceptiveField, ReceptiveFieldUpsampler
 from .backbones import WeightsError, build_backbone, derive_receptive_field
-from .pre_processing import InputNormalization
+from .pre_processing import InputNormalization, WeightsNormalization, resolve_input_normalization
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,10 @@ class FcddModel(nn.Module):
         weights_path: local weight file for the backbone (takes precedence over downloads).
         frozen_modules: number of leading backbone modules to freeze; ``None`` = the backbone's default.
         gauss_std: sigma of the upsampling Gaussian (12 in the paper).
-        minmax: MVTec-AD category name, six numbers, or ``None`` (computed from training data before training).
+        minmax: MVTec-AD category name, six numbers, or ``None`` (computed from training data before training); used
+            by the ``lcn_minmax`` normalisation only.
+        input_normalization: ``lcn_minmax`` (the paper's LCN + min-max), ``weights`` (the statistics the pretrained
+            backbone expects) or ``auto`` (:func:`~.pre_processing.resolve_input_normalization`).
         frozen_bn_train_mode: keep the frozen BatchNorm layers in train mode while training, so they use batch
             statistics and keep adapting their running statistics, as the reference does. ``False`` freezes them
             fully (eval mode).
@@ -69,12 +72,17 @@ class FcddModel(nn.Module):
         minmax: str | list[float] | None = None,
         frozen_bn_train_mode: bool = True,
         accelerate: bool = True,
+        input_normalization: str = "auto",
     ) -> None:
         super().__init__()
         self.backbone_name = backbone
         self.acceleration = Acceleration(accelerate)
-        self.normalization = InputNormalization(minmax)
         built = build_backbone(backbone, pre_trained, weights_path, frozen_modules)
+        self.input_normalization = resolve_input_normalization(input_normalization, backbone, pre_trained)
+        if self.input_normalization == "lcn_minmax":
+            self.normalization: nn.Module = InputNormalization(minmax)
+        else:
+            self.normalization = WeightsNormalization(built.input_mean, built.input_std)
         self.features = built.features
         self.head = nn.Conv2d(built.out_channels, 1, kernel_size=1, bias=True)
         self.upsampler = ReceptiveFieldUpsampler(derive_receptive_field(self.features), gauss_std)

@@ -11,6 +11,10 @@ from torch import nn
 from ....errors import ConfigurationError
 from .weights import WeightsError
 
+#: torchvision's and timm's ImageNet input statistics (VGG, ResNet).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 @dataclass(frozen=True)
 class Backbone:
@@ -20,6 +24,8 @@ class Backbone:
         features: the cut network (input B x 3 x H x W, output B x C x H/stride x W/stride).
         out_channels: C.
         frozen: modules whose parameters are not trained.
+        input_mean, input_std: per-channel statistics of the images the pretrained weights were trained on (inputs in
+            [0, 1]); ``input_normalization="weights"`` normalises with them.
         missing_weights: why the asked-for pretrained weights could not be fetched (offline, no cache), or ``None``.
             The features then hold random weights; :class:`~..torch_model.FcddModel` refuses to run until a state
             dict that covers them (a checkpoint) is loaded, so restoring a trained model needs no network while
@@ -30,6 +36,8 @@ class Backbone:
     out_channels: int
     frozen: tuple[nn.Module, ...]
     missing_weights: WeightsError | None = None
+    input_mean: tuple[float, float, float] = IMAGENET_MEAN
+    input_std: tuple[float, float, float] = IMAGENET_STD
 
 
 BackboneBuilder = Callable[[bool, "str | None", "int | None"], Backbone]

@@ -169,4 +169,11 @@ def build_efficientnet_lite0(pre_trained: bool, weights_path: str | None, frozen
     units = [features.conv_stem, features.bn1, *blocks]
     frozen = frozen_units(units, frozen_modules, LITE0_FROZEN, "efficientnet_lite0")
     channels = timm_channels(model, f"blocks.{LITE0_STAGES - 1}")
-    return Backbone(features=features, out_channels=channels, frozen=frozen, missing_weights=missing)
+    return Backbone(
+        features=features,
+        out_channels=channels,
+        frozen=frozen,
+        missing_weights=missing,
+        input_mean=EFFICIENTNET_LITE0_MEAN,
+        input_std=EFFICIENTNET_LITE0_STD,
+    )
