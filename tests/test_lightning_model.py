@@ -117,3 +117,26 @@ def test_wrong_channel_count_is_explained() -> None:
     model = FcddHsc(pre_trained=False, minmax="bottle").model.eval()
     with pytest.raises(ValueError, match="Convert grayscale or RGBA"):
         model(torch.rand(1, 1, 64, 64))
+
+
+def test_image_score_is_the_mean_of_the_low_resolution_map_or_the_peak_of_the_upsampled_one() -> None:
+    torch.manual_seed(0)
+    mean_model = FcddHsc(backbone="efficientnet_lite0", pre_trained=False, minmax="bottle", image_size=64).model.eval()
+    max_model = FcddHsc(
+        backbone="efficientnet_lite0", pre_trained=False, minmax="bottle", image_size=64, image_score="max"
+    ).model.eval()
+    max_model.load_state_dict(mean_model.state_dict())
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        low = mean_model.low_resolution_map(images)
+        by_mean, by_max = mean_model(images), max_model(images)
+    torch.testing.assert_close(by_mean.pred_score, low.flatten(1).mean(1))
+    torch.testing.assert_close(by_max.pred_score, by_max.anomaly_map.flatten(1).max(1).values)
+    torch.testing.assert_close(by_max.anomaly_map, by_mean.anomaly_map)
+
+
+def test_mlp_head_maps_each_feature_vector_to_one_scalar() -> None:
+    model = FcddHsc(backbone="efficientnet_lite0", pre_trained=False, minmax="bottle", head="mlp").model
+    first, _, second = model.head
+    assert (first.in_channels, first.out_channels, second.out_channels) == (40, 128, 1)
+    assert first.kernel_size == second.kernel_size == (1, 1)

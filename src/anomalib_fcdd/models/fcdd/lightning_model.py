@@ -107,6 +107,8 @@ class FcddHsc(AnomalibModule):
         input_normalization: ``lcn_minmax`` (the paper's LCN + min-max, sec. 4), ``weights`` (the statistics the
             pretrained backbone was trained with) or ``auto``: the paper's for VGG-11-BN and untrained backbones,
             the weights' own for every other pretrained backbone.
+        head: ``linear`` (the paper's 1x1 convolution) or ``mlp`` (two 1x1 convolutions with a ReLU between).
+        image_score: ``mean`` of the low-resolution map (the reference's) or ``max`` of the upsampled map.
     """
 
     def __init__(
@@ -133,6 +135,8 @@ class FcddHsc(AnomalibModule):
         precision: str = "auto",
         accelerate: bool = True,
         input_normalization: str = "auto",
+        head: str = "linear",
+        image_score: str = "mean",
         pre_processor: PreProcessor | bool = True,
         post_processor: Any = True,
         evaluator: Evaluator | bool = True,
@@ -171,6 +175,8 @@ class FcddHsc(AnomalibModule):
             frozen_bn_train_mode=frozen_bn_train_mode,
             accelerate=accelerate,
             input_normalization=input_normalization,
+            head=head,
+            image_score=image_score,
         )
         self.loss = FcddLoss(loss)
         self.anomaly_generator = ConfettiAnomalyGenerator(

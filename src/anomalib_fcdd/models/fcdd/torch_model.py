@@ -6,8 +6,10 @@ For an image ``x`` in [0, 1] the network computes::
     H   = sqrt(phi^2 + 1) - 1                 pseudo-Huber distance to the hypersphere centre (the origin)
     A   = upsample(H)                         B x 1 x H x W   Gaussian receptive-field upsampling
 
-In eval mode it returns anomalib's ``InferenceBatch`` with ``anomaly_map = A`` and ``pred_score = mean(H)``, the mean
-of the *low-resolution* map, as the reference's ``reduce_ascore`` does.
+In eval mode it returns anomalib's ``InferenceBatch`` with ``anomaly_map = A`` and the image score ``pred_score``:
+``mean(H)``, the mean of the *low-resolution* map, as the reference's ``reduce_ascore`` does (``image_score="mean"``),
+or ``max(A)``, the peak of the smoothed map (``image_score="max"``), which does not dilute a small defect by the
+normal area around it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from anomalib.data import InferenceBatch
 from torch import nn
 
+from ...errors import ConfigurationError
 from .acceleration import Acceleration
 from .anomaly_map import ReceptiveField, ReceptiveFieldUpsampler
 from .backbones import WeightsError, build_backbone, derive_receptive_field
@@ -38,6 +41,31 @@ def pseudo_huber(phi: torch.Tensor) -> torch.Tensor:
     """``sqrt(phi^2 + 1) - 1``, computed as ``phi^2 / (sqrt(phi^2 + 1) + 1)`` to avoid cancellation near 0."""
     squared = phi * phi
     return squared / (torch.sqrt(squared + 1) + 1)
+
+
+#: ``head`` and ``image_score`` choices.
+HEADS = ("linear", "mlp")
+IMAGE_SCORES = ("mean", "max")
+#: Width of the hidden layer of the ``mlp`` head.
+MLP_HIDDEN = 128
+
+
+def check_image_score(name: str) -> str:
+    """``name`` if it is one of :data:`IMAGE_SCORES`, else a :class:`ConfigurationError`."""
+    if name not in IMAGE_SCORES:
+        raise ConfigurationError(f"Unknown image_score {name!r} (--model.image_score); use one of {IMAGE_SCORES}.")
+    return name
+
+
+def build_head(name: str, channels: int) -> nn.Module:
+    """The map from a ``channels``-long feature vector to the scalar ``phi`` (see :data:`HEADS`)."""
+    if name == "linear":
+        return nn.Conv2d(channels, 1, kernel_size=1, bias=True)
+    if name == "mlp":
+        return nn.Sequential(
+            nn.Conv2d(channels, MLP_HIDDEN, kernel_size=1), nn.ReLU(), nn.Conv2d(MLP_HIDDEN, 1, kernel_size=1)
+        )
+    raise ConfigurationError(f"Unknown head {name!r} (--model.head); use one of {HEADS}.")
 
 
 class FcddModel(nn.Module):
@@ -60,6 +88,11 @@ class FcddModel(nn.Module):
             fully (eval mode).
         accelerate: channels-last layout and BN folding at inference (:mod:`.acceleration`); the same function up
             to float rounding.
+        input_normalization: ``lcn_minmax``, ``weights`` or ``auto``
+            (:func:`~.pre_processing.resolve_input_normalization`).
+        head: ``linear``, the paper's 1x1 convolution ``C -> 1``, or ``mlp``, two 1x1 convolutions ``C -> 128 -> 1``
+            with a ReLU between: still one scalar per feature vector, from a nonlinear function of it.
+        image_score: ``mean`` of the low-resolution map (the reference's) or ``max`` of the upsampled map.
     """
 
     def __init__(
@@ -73,8 +106,11 @@ class FcddModel(nn.Module):
         frozen_bn_train_mode: bool = True,
         accelerate: bool = True,
         input_normalization: str = "auto",
+        head: str = "linear",
+        image_score: str = "mean",
     ) -> None:
         super().__init__()
+        self.image_score = check_image_score(image_score)
         self.backbone_name = backbone
         self.acceleration = Acceleration(accelerate)
         built = build_backbone(backbone, pre_trained, weights_path, frozen_modules)
@@ -84,7 +120,7 @@ class FcddModel(nn.Module):
         else:
             self.normalization = WeightsNormalization(built.input_mean, built.input_std)
         self.features = built.features
-        self.head = nn.Conv2d(built.out_channels, 1, kernel_size=1, bias=True)
+        self.head = build_head(head, built.out_channels)
         self.upsampler = ReceptiveFieldUpsampler(derive_receptive_field(self.features), gauss_std)
         self.missing_weights = built.missing_weights
         if self.missing_weights is not None:
@@ -163,6 +199,8 @@ class FcddModel(nn.Module):
         anomaly_map = self.upsampler(low_res, images.shape[-2:])
         if self.training:
             return FcddTrainOutput(low_res=low_res, anomaly_map=anomaly_map)
+        if self.image_score == "max":
+            return InferenceBatch(pred_score=anomaly_map.amax(dim=(1, 2, 3)), anomaly_map=anomaly_map)
         return InferenceBatch(pred_score=low_res.mean(dim=(1, 2, 3)), anomaly_map=anomaly_map)
 
 
