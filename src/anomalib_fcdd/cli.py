@@ -4,6 +4,12 @@
 ``anomalib train --model anomalib_fcdd.FcddHsc --data anomalib_fcdd.data.MVTec ...`` and handed to anomalib's own CLI,
 so every anomalib subcommand (fit, validate, test, train, predict, export, benchmark) and flag works unchanged.
 anomalib 2.7's CLI accepts neither snake-case model names nor ``MVTec``.
+
+Around anomalib's CLI it adds: checks that run before the Engine opens a results folder (dataset, model options,
+``--ckpt_path``, ``export`` without a checkpoint), run folders that are never left broken (:mod:`.runs`), a last line
+naming the checkpoint, metrics and heatmaps, one log handler and no third-party chatter (:mod:`.logging_setup`), and
+a top-level ``--help`` that imports no torch (:mod:`.cli_help`). User mistakes end in one ``anomalib-fcdd: error:``
+line and exit code 2.
 """
 
 from __future__ import annotations
