@@ -74,3 +74,20 @@ def test_full_augmentation_shapes_and_range() -> None:
     out, out_masks = FcddAugmentation(224)(images, masks, generator)
     assert out.shape == (8, 3, 224, 224) and out_masks.dtype == torch.bool
     assert out.min() >= 0 and out.max() <= 1
+
+
+def test_rectangular_crop_is_an_exact_window_and_resize_picks_nearest_pixels() -> None:
+    height, width = 103, 154  # 96 x 144 scaled by 240/224, rounded as the pre-processor does
+    images = torch.arange(height * width, dtype=torch.float32).view(1, 1, height, width).expand(40, 3, height, width)
+    masks = torch.zeros(40, 1, height, width, dtype=torch.bool)
+    crops, _ = joint_crop_or_resize(images, masks, (96, 144), 1.0, torch.Generator().manual_seed(2))
+    assert crops.shape == (40, 3, 96, 144)
+    top_left = crops[:, 0, 0, 0].long()
+    oy, ox = top_left // width, top_left % width
+    for i in range(0, 40, 7):
+        assert torch.equal(crops[i, 0], images[0, 0, oy[i] : oy[i] + 96, ox[i] : ox[i] + 144])
+    assert 0 <= oy.min() and oy.max() <= height - 96 and 0 <= ox.min() and ox.max() <= width - 144
+    resized, _ = joint_crop_or_resize(images[:1], masks[:1], (96, 144), 0.0)
+    rows = torch.floor((torch.arange(96) + 0.5) * height / 96).long()  # nearest source row of each output row
+    columns = torch.floor((torch.arange(144) + 0.5) * width / 144).long()
+    torch.testing.assert_close(resized[0, 0], images[0, 0][rows][:, columns], rtol=0, atol=0)

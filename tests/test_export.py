@@ -495,3 +495,28 @@ def test_load_image_converts_modes(tmp_path: Path, mode: str) -> None:
     assert loaded.array.shape == (20, 30, 3) and loaded.array.dtype == np.float32
     assert loaded.array.min() >= 0.0 and loaded.array.max() <= 1.0
     assert loaded.note is not None
+
+
+def test_rectangular_image_size_trains_exports_and_predicts(synthetic_root: Path, tmp_path: Path) -> None:
+    """``image_size=[64, 96]``: training batches, test maps and the exported graph all work at height x width."""
+    seed_everything(0, workers=True)
+    datamodule = MVTec(root=synthetic_root, category="synthetic", train_batch_size=8, eval_batch_size=8, num_workers=0)
+    model = FcddHsc(backbone="efficientnet_lite0", image_size=[64, 96], epochs=1, passes_per_epoch=1, visualizer=False)
+    assert model.augmentation.size == (64, 96) and model.pre_processor.train_size == (69, 103)
+    engine = Engine(default_root_dir=tmp_path, logger=False, accelerator="cpu", enable_progress_bar=False)
+    engine.fit(model, datamodule=datamodule)
+    batch = next(iter(datamodule.test_dataloader()))
+    assert eager(model, batch.image.permute(0, 2, 3, 1).numpy())["anomaly_map"].shape[-2:] == (64, 96)
+    path = model.to_openvino(tmp_path / "ov", onnx_kwargs={"opset_version": 18})
+    images = np.random.default_rng(3).random((2, 100, 150, 3), dtype=np.float32)  # any input size is resized
+    reference, outputs = eager(model, images), run_openvino(path, images)
+    assert outputs["anomaly_map"].shape[-2:] == (64, 96)
+    assert max_abs(reference["anomaly_map"], outputs["anomaly_map"]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("size", [16, [60, 96], [64, 96, 3]])
+def test_impossible_image_sizes_are_refused(size: object) -> None:
+    from anomalib_fcdd.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="image_size"):
+        FcddHsc(backbone="efficientnet_lite0", pre_trained=False, image_size=size)

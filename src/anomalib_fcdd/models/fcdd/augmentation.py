@@ -30,26 +30,28 @@ _GRAY = torch.tensor([0.299, 0.587, 0.114])
 def joint_crop_or_resize(
     images: torch.Tensor,
     masks: torch.Tensor,
-    size: int,
+    size: int | tuple[int, int],
     crop_probability: float = 0.5,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, a random ``size`` crop (probability ``crop_probability``) or a nearest resize to ``size``.
 
-    Both are one nearest-neighbour ``grid_sample`` with a per-image affine grid, so image and mask (``B x 1 x H x W``)
-    stay pixel-aligned: a crop maps output pixel ``i`` to input pixel ``offset + i`` exactly.
+    ``size`` is a side or ``(height, width)``. Both are one nearest-neighbour ``grid_sample`` with a per-image affine
+    grid, so image and mask (``B x 1 x H x W``) stay pixel-aligned: a crop maps output pixel ``i`` to input pixel
+    ``offset + i`` exactly.
     """
+    out_height, out_width = (size, size) if isinstance(size, int) else size
     batch, _, height, width = images.shape
     device = images.device
     crop = torch.rand(batch, device=device, generator=generator) < crop_probability
-    offset_y = torch.floor(torch.rand(batch, device=device, generator=generator) * (height - size + 1))
-    offset_x = torch.floor(torch.rand(batch, device=device, generator=generator) * (width - size + 1))
+    offset_y = torch.floor(torch.rand(batch, device=device, generator=generator) * (height - out_height + 1))
+    offset_x = torch.floor(torch.rand(batch, device=device, generator=generator) * (width - out_width + 1))
     theta = torch.zeros(batch, 2, 3, device=device)
-    theta[:, 0, 0] = torch.where(crop, torch.full_like(offset_x, size / width), torch.ones_like(offset_x))
-    theta[:, 1, 1] = torch.where(crop, torch.full_like(offset_y, size / height), torch.ones_like(offset_y))
-    theta[:, 0, 2] = torch.where(crop, (2 * offset_x + size) / width - 1, torch.zeros_like(offset_x))
-    theta[:, 1, 2] = torch.where(crop, (2 * offset_y + size) / height - 1, torch.zeros_like(offset_y))
-    grid = F.affine_grid(theta, [batch, 1, size, size], align_corners=False)
+    theta[:, 0, 0] = torch.where(crop, torch.full_like(offset_x, out_width / width), torch.ones_like(offset_x))
+    theta[:, 1, 1] = torch.where(crop, torch.full_like(offset_y, out_height / height), torch.ones_like(offset_y))
+    theta[:, 0, 2] = torch.where(crop, (2 * offset_x + out_width) / width - 1, torch.zeros_like(offset_x))
+    theta[:, 1, 2] = torch.where(crop, (2 * offset_y + out_height) / height - 1, torch.zeros_like(offset_y))
+    grid = F.affine_grid(theta, [batch, 1, out_height, out_width], align_corners=False)
     out_images = F.grid_sample(images, grid.to(images.dtype), mode="nearest", align_corners=False)
     out_masks = F.grid_sample(masks.float(), grid, mode="nearest", align_corners=False) > 0.5
     return out_images, out_masks
@@ -121,7 +123,7 @@ class FcddAugmentation(nn.Module):
     """Joint crop/resize, colour jitter and image noise of the reference, for a batch of images and masks.
 
     Args:
-        size: output side (224).
+        size: output side (224), or ``(height, width)``.
         crop_probability: chance of a random crop rather than a resize.
         noise_probability: chance of Gaussian noise per image.
         noise_relative_std: noise std as a fraction of the image's std.
@@ -129,7 +131,7 @@ class FcddAugmentation(nn.Module):
 
     def __init__(
         self,
-        size: int = 224,
+        size: int | tuple[int, int] = 224,
         crop_probability: float = 0.5,
         noise_probability: float = 0.5,
         noise_relative_std: float = 0.1,

@@ -18,7 +18,7 @@ with ``weights_only=True``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ from torch import optim
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import InterpolationMode, Resize
 
+from ...errors import ConfigurationError
 from .acceleration import check_precision, resolve_precision
 from .anomaly_generator import ConfettiAnomalyGenerator
 from .augmentation import FcddAugmentation
@@ -43,6 +44,7 @@ from .pre_processing import (
     MVTEC_MINMAX,
     FcddPreProcessor,
     MinMaxAccumulator,
+    as_height_width,
     check_input_normalization,
     resolve_minmax,
 )
@@ -68,12 +70,26 @@ def check_options(options: Mapping[str, Any]) -> None:
         check_backbone_name(options["backbone"])
     if "precision" in options:
         check_precision(options["precision"])
+    if "image_size" in options:
+        check_image_size(options["image_size"])
     if "input_normalization" in options:
         check_input_normalization(options["input_normalization"])
     if options.get("minmax") not in {None, "auto"}:
         resolve_minmax(options["minmax"])
     if options.get("weights_path") is not None:
         existing_weight_file(options["weights_path"], "--model.weights_path")
+
+
+def check_image_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """``(height, width)`` if every side is a multiple of 8 and at least 32 (the backbones' stride-8 grid needs
+    whole cells, and the deepest stages several of them); else a :class:`ConfigurationError`."""
+    size = as_height_width(image_size)
+    if any(side < 32 or side % 8 for side in size):
+        raise ConfigurationError(
+            f"image_size {list(size)} (--model.image_size): each side must be a multiple of 8 and at least 32, "
+            "e.g. 224 or [192, 288]."
+        )
+    return size
 
 
 class FcddHsc(AnomalibModule):
@@ -94,7 +110,8 @@ class FcddHsc(AnomalibModule):
         minmax: ``auto`` (shipped constants for MVTec-AD categories, otherwise computed from the training images),
             ``None`` (always compute), a MVTec-AD category name, or six numbers (3 minima, 3 maxima).
         augment: apply the reference's training augmentation.
-        image_size: side of the network input (224).
+        image_size: side of the network input (224), or ``[height, width]`` for non-square parts; each side a
+            multiple of 8, at least 32.
         lr, momentum, weight_decay: SGD settings (Nesterov when momentum > 0).
         lr_decay: multiplicative learning-rate decay per paper epoch.
         epochs: paper epochs; sets the trainer's ``max_epochs`` to ``epochs * passes_per_epoch`` when given.
@@ -124,7 +141,7 @@ class FcddHsc(AnomalibModule):
         gauss_std: float = 12.0,
         minmax: str | list[float] | None = "auto",
         augment: bool = True,
-        image_size: int = 224,
+        image_size: int | tuple[int, int] = 224,
         lr: float = 1e-3,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
@@ -150,10 +167,11 @@ class FcddHsc(AnomalibModule):
                 "minmax": minmax,
                 "weights_path": weights_path,
                 "input_normalization": input_normalization,
+                "image_size": image_size,
             }
         )
         super().__init__(
-            pre_processor=self.configure_pre_processor((image_size, image_size))
+            pre_processor=self.configure_pre_processor(check_image_size(image_size))
             if pre_processor is True
             else pre_processor,
             post_processor=post_processor,
@@ -161,7 +179,7 @@ class FcddHsc(AnomalibModule):
             visualizer=visualizer,
         )
         self.minmax = minmax
-        self.image_size = image_size
+        self.image_size = check_image_size(image_size)
         self.lr, self.momentum, self.weight_decay, self.lr_decay = lr, momentum, weight_decay, lr_decay
         self.epochs, self.passes_per_epoch = epochs, passes_per_epoch
         self.precision = str(precision)
@@ -182,7 +200,7 @@ class FcddHsc(AnomalibModule):
         self.anomaly_generator = ConfettiAnomalyGenerator(
             probability=anomaly_probability, image_level_masks=image_level_masks, smooth=confetti_smoothing
         )
-        self.augmentation = FcddAugmentation(size=image_size) if augment else None
+        self.augmentation = FcddAugmentation(size=self.image_size) if augment else None
         self.real_anomalies = False
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -208,8 +226,8 @@ class FcddHsc(AnomalibModule):
             images, masks, _ = self.anomaly_generator(images)
         if self.augmentation is not None:
             return self.augmentation(images, masks)
-        if images.shape[-1] != self.image_size:
-            resize = Resize((self.image_size, self.image_size), interpolation=InterpolationMode.NEAREST)
+        if tuple(images.shape[-2:]) != self.image_size:
+            resize = Resize(self.image_size, interpolation=InterpolationMode.NEAREST)
             return resize(images), resize(masks.float()) > 0.5
         return images, masks
 
@@ -244,7 +262,7 @@ class FcddHsc(AnomalibModule):
         without a distributed sampler, so every DDP rank sees the same images and gets the same constants.
         """
         accumulator = MinMaxAccumulator()
-        resize = Resize((self.image_size, self.image_size), interpolation=InterpolationMode.NEAREST)
+        resize = Resize(self.image_size, interpolation=InterpolationMode.NEAREST)
         for batch in self._normal_training_batches():
             labels = batch.gt_label
             images = batch.image if labels is None else batch.image[~torch.as_tensor(labels).bool()]
@@ -328,8 +346,7 @@ class FcddHsc(AnomalibModule):
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
         """Nearest resize to 224 (240 while training); LCN and min-max live inside the network."""
-        side = image_size[0] if image_size else 224
-        return FcddPreProcessor(image_size=side, train_size=round(side * 240 / 224))
+        return FcddPreProcessor(image_size=as_height_width(image_size or 224))
 
     @staticmethod
     def configure_evaluator() -> Evaluator:

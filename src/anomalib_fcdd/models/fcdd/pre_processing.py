@@ -21,6 +21,7 @@ are saved in checkpoints and exported with the model.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +227,21 @@ class MinMaxAccumulator:
         return torch.stack([self.low, self.high]).cpu()
 
 
+def as_height_width(size: int | Sequence[int]) -> tuple[int, int]:
+    """``(height, width)`` of a side or of a ``[height, width]`` pair (what ``image_size`` accepts)."""
+    if isinstance(size, int | float):
+        return int(size), int(size)
+    values = [int(side) for side in size]
+    if len(values) != 2:
+        raise ConfigurationError(f"image_size is a side or [height, width]; got {list(size)}.")
+    return values[0], values[1]
+
+
+def training_size(image_size: tuple[int, int]) -> tuple[int, int]:
+    """The reference's 240 for 224, scaled: anomalies are drawn at this size, then cropped or resized to 224."""
+    return round(image_size[0] * 240 / 224), round(image_size[1] * 240 / 224)
+
+
 class FcddPreProcessor(PreProcessor):
     """Nearest-neighbour resize to ``image_size`` for evaluation and export, to ``train_size`` for training.
 
@@ -233,10 +249,13 @@ class FcddPreProcessor(PreProcessor):
     to 240 here and brought to 224 by the model's augmentation.
     """
 
-    def __init__(self, image_size: int = 224, train_size: int = 240) -> None:
-        super().__init__(transform=Resize((image_size, image_size), interpolation=InterpolationMode.NEAREST))
-        self.train_size = train_size
-        self.train_transform = Resize((train_size, train_size), interpolation=InterpolationMode.NEAREST)
+    def __init__(
+        self, image_size: int | tuple[int, int] = 224, train_size: int | tuple[int, int] | None = None
+    ) -> None:
+        size = as_height_width(image_size)
+        super().__init__(transform=Resize(size, interpolation=InterpolationMode.NEAREST))
+        self.train_size = as_height_width(train_size) if train_size is not None else training_size(size)
+        self.train_transform = Resize(self.train_size, interpolation=InterpolationMode.NEAREST)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Inference and export: the same nearest resize as ``transform``, as an index gather (:func:`nearest_resize`).
@@ -268,13 +287,13 @@ class FcddPreProcessor(PreProcessor):
 
     def checkpoint_config(self) -> dict[str, Any]:
         """Persist the training size next to the (allow-listed) evaluation transform."""
-        return {**super().checkpoint_config(), "train_size": self.train_size}
+        return {**super().checkpoint_config(), "train_size": list(self.train_size)}
 
     def load_checkpoint_config(self, config: dict[str, Any]) -> None:
         """Restore both transforms."""
         super().load_checkpoint_config(config)
-        self.train_size = int(config.get("train_size", self.train_size))
-        self.train_transform = Resize((self.train_size, self.train_size), interpolation=InterpolationMode.NEAREST)
+        self.train_size = as_height_width(config.get("train_size", self.train_size))
+        self.train_transform = Resize(self.train_size, interpolation=InterpolationMode.NEAREST)
 
 
 def _swap_resize(augmentations: Any, model_resize: Any, train_resize: Resize) -> Any:
