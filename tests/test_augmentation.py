@@ -86,7 +86,7 @@ def test_rectangular_crop_is_an_exact_window_and_resize_picks_nearest_pixels() -
     oy, ox = top_left // width, top_left % width
     for i in range(0, 40, 7):
         assert torch.equal(crops[i, 0], images[0, 0, oy[i] : oy[i] + 96, ox[i] : ox[i] + 144])
-    assert 0 <= oy.min() and oy.max() <= height - 96 and 0 <= ox.min() and ox.max() <= width - 144
+    assert oy.min() >= 0 and oy.max() <= height - 96 and ox.min() >= 0 and ox.max() <= width - 144
     resized, _ = joint_crop_or_resize(images[:1], masks[:1], (96, 144), 0.0)
     rows = torch.floor((torch.arange(96) + 0.5) * height / 96).long()  # nearest source row of each output row
     columns = torch.floor((torch.arange(144) + 0.5) * width / 144).long()
