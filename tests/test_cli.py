@@ -50,8 +50,12 @@ def test_a_misspelt_short_name_is_named_with_the_right_one(
 
 
 def test_anomalib_names_and_class_paths_pass_unchanged() -> None:
-    arguments = ["fit", "--model", "Padim", "--data", "MVTecAD", "--data.help", "Folder"]
+    arguments = ["fit", "--model", "Padim", "--data", "MVTecAD", "--data.help", "Avenue"]
     assert rewrite_arguments(arguments) == arguments
+    checked = ["fit", "--data", "Folder", "--data.help", "folder_few_anomalies"]  # the checked own-data modules
+    assert rewrite_arguments(checked) == [
+        "fit", "--data", "anomalib_fcdd.data.Folder", "--data.help", "anomalib_fcdd.data.FolderFewAnomalies",
+    ]  # fmt: skip
     assert rewrite_arguments(["fit", "--model", "my_package.MyModel"]) == ["fit", "--model", "my_package.MyModel"]
     assert rewrite_arguments(["fit", "--model.help", "fcdd_hsc", "--data.help=MVTec"]) == [
         "fit", "--model.help", "anomalib_fcdd.FcddHsc", "--data.help=anomalib_fcdd.data.MVTec",

@@ -482,6 +482,14 @@ def test_predict_refuses_a_file_as_output_folder(tmp_path: Path, caplog: pytest.
     assert image.read_bytes() == before
 
 
+def test_predict_refuses_an_output_folder_under_a_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    code = predict_module.main(["--model-dir", str(tmp_path), "--input", str(image), "--output", str(image / "out")])
+    assert code == 2
+    assert "cannot be written" in caplog.text and str(image / "out") in caplog.text
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "LA", "CMYK"])
 def test_load_image_converts_modes(tmp_path: Path, mode: str) -> None:
     """Every common PIL mode becomes H x W x 3 float32 in [0, 1] with a note."""

@@ -31,6 +31,9 @@ MODEL_ALIASES = {
 }
 DATA_ALIASES = {
     "mvtec": "anomalib_fcdd.data.MVTec",
+    "folder": "anomalib_fcdd.data.Folder",
+    "folderfewanomalies": "anomalib_fcdd.data.FolderFewAnomalies",
+    "folder_few_anomalies": "anomalib_fcdd.data.FolderFewAnomalies",
     "mvtecfewanomalies": "anomalib_fcdd.data.MVTecFewAnomalies",
     "mvtec_few_anomalies": "anomalib_fcdd.data.MVTecFewAnomalies",
 }
@@ -45,6 +48,8 @@ _SHOWN_NAMES = {
     "anomalib_fcdd.Fcdd": "fcdd",
     "anomalib_fcdd.FcddHsc": "fcdd_hsc",
     "anomalib_fcdd.data.MVTec": "MVTec",
+    "anomalib_fcdd.data.Folder": "Folder",
+    "anomalib_fcdd.data.FolderFewAnomalies": "FolderFewAnomalies",
     "anomalib_fcdd.data.MVTecFewAnomalies": "MVTecFewAnomalies",
 }
 #: Subcommands that read the datamodule, whose folder check runs before the Engine opens a results folder.
@@ -108,7 +113,7 @@ def _fcdd_cli() -> type:
     from anomalib.cli.cli import AnomalibCLI
 
     from .checkpoints import check_checkpoint
-    from .data import MVTec
+    from .data import CheckedDataModule
     from .models.fcdd.lightning_model import FcddHsc, check_options
     from .runs import RunFolder, RunWatch, category_folder
 
@@ -139,7 +144,7 @@ def _fcdd_cli() -> type:
         def _run_subcommand(self) -> None:
             datamodule: Any = getattr(self, "datamodule", None)
             model: Any = getattr(self, "model", None)
-            if self.subcommand in _DATA_SUBCOMMANDS and isinstance(datamodule, MVTec):
+            if self.subcommand in _DATA_SUBCOMMANDS and isinstance(datamodule, CheckedDataModule):
                 # A bad dataset then stops the run before anomalib creates the next version folder and points
                 # ``latest`` at it, so the last good run's ``latest`` stays where it was.
                 datamodule.prepare_data()

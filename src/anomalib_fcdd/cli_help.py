@@ -16,7 +16,8 @@ PREFACE = """anomalib-fcdd: anomalib's command line with FCDD's short names, and
   anomalib-fcdd demo --help               the offline demo: FCDD on real texture photographs, with a report
   anomalib-fcdd predict-openvino --help   score images with an exported OpenVINO model (CSV and heatmaps)
 
-  Short names: --model fcdd_hsc | fcdd, --data MVTec | MVTecFewAnomalies (full class paths work as well).
+  Short names: --model fcdd_hsc | fcdd, --data MVTec | MVTecFewAnomalies | Folder | FolderFewAnomalies
+  (full class paths work as well).
   Example: anomalib-fcdd train --model fcdd_hsc --data MVTec --data.root ./datasets/MVTecAD --data.category bottle
   Options of a subcommand: anomalib-fcdd train --help (and --model.help fcdd_hsc, --data.help MVTec).
 """

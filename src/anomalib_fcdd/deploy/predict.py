@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
+from ..errors import UserInputError
+
 logger = logging.getLogger(__name__)
 
 #: ``--precision`` value -> OpenVINO compile config (``auto`` = the device's default, bf16 on AMX/avx512_bf16 CPUs).
@@ -56,8 +58,23 @@ PREDICTION_FIELDS = ("image", "pred_score", "pred_label", "label", "overlay", "w
 OVERLAY_ALPHA = 0.5
 
 
-class PredictError(RuntimeError):
-    """The command cannot run at all (no model, no inputs); the message says what to fix."""
+class PredictError(UserInputError, RuntimeError):
+    """The command cannot run at all (no model, no inputs, no writable output); the message says what to fix."""
+
+
+def prepare_output(output: Path) -> None:
+    """Create ``output``/overlays now, so a path under a file or an unwritable place is one error before any work."""
+    if output.exists() and not output.is_dir():
+        raise PredictError(f"--output {output} is a file; give a folder (it is created if missing).")
+    try:
+        (output / "overlays").mkdir(parents=True, exist_ok=True)
+        probe = output / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise PredictError(
+            f"--output {output} cannot be written ({error.strerror}: {error.filename}); give a folder you can write to."
+        ) from error
 
 
 @dataclass
@@ -436,8 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = _rich_console()
     with _console_logging(console):
         try:
-            if output.exists() and not output.is_dir():
-                raise PredictError(f"--output {output} is a file; give a folder (it is created if missing).")
+            prepare_output(output)
             model_file = find_model_file(args.model_dir)
             files = collect_inputs(args.input, exclude=output)
             if not files:
