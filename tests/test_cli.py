@@ -123,3 +123,20 @@ def test_help_names_the_plugins_own_commands(capsys: pytest.CaptureFixture[str])
     out = capsys.readouterr().out
     assert "anomalib-fcdd demo --help" in out and "anomalib-fcdd predict-openvino --help" in out
     assert "fcdd_hsc | fcdd" in out
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "instead"),
+    [("--trainer.max_epochs", "1", "--model.epochs"), ("--trainer.precision", "32-true", "--model.precision")],
+)
+def test_trainer_flags_the_model_would_override_are_refused(
+    flag: str, value: str, instead: str, synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    arguments = ["fit", "--model", "fcdd_hsc", "--model.backbone", "efficientnet_lite0", "--data", "MVTec"]
+    arguments += ["--data.root", str(synthetic_root), "--data.category", "synthetic", flag, value]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*arguments, "--default_root_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert flag in error and instead in error
+    assert not list(tmp_path.iterdir()), "nothing was written"

@@ -54,7 +54,38 @@ def test_trainer_arguments_convert_paper_epochs() -> None:
     arguments = FcddHsc(pre_trained=False, epochs=50, passes_per_epoch=10, precision="32-true").trainer_arguments
     assert arguments["max_epochs"] == 500 and arguments["check_val_every_n_epoch"] == 10
     assert arguments["precision"] == "32-true" and arguments["num_sanity_val_steps"] == 0
-    assert "max_epochs" not in FcddHsc(pre_trained=False).trainer_arguments
+
+
+@pytest.mark.parametrize(
+    ("backbone", "optimizer", "lr", "passes", "head", "score"),
+    [
+        ("vgg11_bn", "sgd", 1e-3, 500, "linear", "mean"),  # the paper's recipe: 50 epochs x 10 passes
+        ("efficientnet_lite0_multiscale", "adam", 1e-3, 10, "mlp", "max"),
+    ],
+)
+def test_unset_training_options_take_the_backbones_documented_defaults(
+    backbone: str, optimizer: str, lr: float, passes: int, head: str, score: str
+) -> None:
+    """The budget is always bounded (no Lightning 1000-pass default) and is what README and docs/backbones.md say."""
+    model = FcddHsc(backbone=backbone, pre_trained=False, minmax="bottle")
+    assert model.trainer_arguments["max_epochs"] == passes
+    assert (model.optimizer_name, model.lr, model.model.image_score) == (optimizer, lr, score)
+    assert isinstance(model.model.head, torch.nn.Conv2d) == (head == "linear")
+    optimizer_class = model.configure_optimizers()["optimizer"].__class__.__name__
+    assert optimizer_class == {"sgd": "SGD", "adam": "AdamW"}[optimizer]
+    overridden = FcddHsc(backbone=backbone, pre_trained=False, minmax="bottle", epochs=2, passes_per_epoch=3, lr=0.1)
+    assert overridden.trainer_arguments["max_epochs"] == 6 and overridden.lr == 0.1
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("lr", 0), ("epochs", 0), ("epochs", -1), ("lr_decay", 1.5), ("anomaly_probability", 2.0), ("optimizer", "rms")],
+)
+def test_out_of_range_options_are_refused_in_one_line(option: str, value: object) -> None:
+    from anomalib_fcdd.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=option):
+        FcddHsc(backbone="efficientnet_lite0", pre_trained=False, **{option: value})
 
 
 def make_batch(labels: list[bool], size: int = 80) -> ImageBatch:

@@ -123,6 +123,7 @@ def _fcdd_cli() -> type:
             model = self._get(self.config, "model")
             if _is_fcdd(getattr(model, "class_path", None)):
                 check_options(dict(vars(model.init_args)) if model.init_args is not None else {})
+                _refuse_overridden_trainer_flags(self._get(self.config, "trainer"))
 
         def instantiate_classes(self) -> None:
             try:
@@ -196,6 +197,20 @@ def _raise_model_error(model: Any) -> None:
         raise
     except Exception:  # anything else: jsonargparse's own message stands
         return
+
+
+#: Trainer flags that FCDD sets itself from its own options, which anomalib's Engine would silently override.
+_MODEL_OWNED_TRAINER_FLAGS = {
+    "max_epochs": "--model.epochs N (paper epochs) and --model.passes_per_epoch P: the trainer runs N x P passes",
+    "precision": "--model.precision (auto, 32-true or bf16-mixed)",
+}
+
+
+def _refuse_overridden_trainer_flags(trainer: Any) -> None:
+    """Refuse ``--trainer.max_epochs``/``--trainer.precision`` with FCDD instead of overriding them silently."""
+    for flag, instead in _MODEL_OWNED_TRAINER_FLAGS.items():
+        if trainer is not None and getattr(trainer, flag, None) is not None:
+            raise UsageError(f"--trainer.{flag} is set by the FCDD model, which would override yours; use {instead}.")
 
 
 def _is_fcdd(class_path: str | None) -> bool:

@@ -123,8 +123,8 @@ class TestOutputCollector(Callback):
 def build_model(settings: TrainSettings) -> Any:
     """``FcddHsc`` with the paper's proposed loss and confetti, sized for the demo; no anomalib visualizer.
 
-    ``epochs`` is left unset so that the trainer's ``max_epochs`` counts plain passes over the training images, and
-    ``passes_per_epoch = 1`` applies ``lr_decay`` after each of them.
+    ``passes_per_epoch = 1`` makes every demo epoch one pass over the training images and applies ``lr_decay`` after
+    each of them.
     """
     from anomalib_fcdd import FcddHsc
 
@@ -135,6 +135,7 @@ def build_model(settings: TrainSettings) -> Any:
         image_size=settings.image_size,
         lr=settings.lr,
         lr_decay=settings.lr_decay,
+        epochs=settings.epochs,
         passes_per_epoch=1,
         visualizer=False,
     )

@@ -18,7 +18,7 @@ with ``weights_only=True``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ from ...errors import ConfigurationError
 from .acceleration import check_precision, resolve_precision
 from .anomaly_generator import ConfettiAnomalyGenerator
 from .augmentation import FcddAugmentation
-from .backbones import check_backbone_name
+from .backbones import check_backbone_name, training_defaults
 from .backbones.weights import existing_weight_file
 from .loss import FcddLoss, check_loss_name
 from .pre_processing import (
@@ -48,7 +48,7 @@ from .pre_processing import (
     check_input_normalization,
     resolve_minmax,
 )
-from .torch_model import FcddModel
+from .torch_model import HEADS, FcddModel, check_image_score
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,33 @@ def check_options(options: Mapping[str, Any]) -> None:
         resolve_minmax(options["minmax"])
     if options.get("weights_path") is not None:
         existing_weight_file(options["weights_path"], "--model.weights_path")
+    if options.get("optimizer") not in {None, *OPTIMIZERS}:
+        raise ConfigurationError(
+            f"Unknown optimizer {options['optimizer']!r} (--model.optimizer); use one of {OPTIMIZERS}."
+        )
+    if options.get("head") not in {None, *HEADS}:
+        raise ConfigurationError(f"Unknown head {options['head']!r} (--model.head); use one of {HEADS}.")
+    if options.get("image_score") is not None:
+        check_image_score(options["image_score"])
+    for name, (allowed, wording) in NUMBER_RANGES.items():
+        value = options.get(name)
+        if value is not None and not allowed(value):
+            raise ConfigurationError(f"--model.{name} {value} is out of range: it must be {wording}.")
+
+
+#: ``optimizer`` choices.
+OPTIMIZERS = ("sgd", "adam")
+#: Numeric options and the values they accept (``None`` always means "the backbone's default").
+NUMBER_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "lr": (lambda v: v > 0, "above 0"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0, "0 or more"),
+    "lr_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "epochs": (lambda v: v >= 1, "1 or more (a training needs at least one pass)"),
+    "passes_per_epoch": (lambda v: v >= 1, "1 or more"),
+    "anomaly_probability": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "gauss_std": (lambda v: v > 0, "above 0"),
+}
 
 
 def check_image_size(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -112,11 +139,16 @@ class FcddHsc(AnomalibModule):
         augment: apply the reference's training augmentation.
         image_size: side of the network input (224), or ``[height, width]`` for non-square parts; each side a
             multiple of 8, at least 32.
-        lr, momentum, weight_decay: SGD settings (Nesterov when momentum > 0).
+        optimizer: ``sgd`` (Nesterov when momentum > 0, the paper's) or ``adam`` (AdamW).
+        lr, momentum, weight_decay: optimiser settings.
         lr_decay: multiplicative learning-rate decay per paper epoch.
-        epochs: paper epochs; sets the trainer's ``max_epochs`` to ``epochs * passes_per_epoch`` when given.
+        epochs: paper epochs; the trainer runs ``epochs * passes_per_epoch`` passes over the training set.
         passes_per_epoch: passes over the training set per paper epoch (10 in the reference).
         frozen_bn_train_mode: keep frozen BatchNorm layers in train mode while training (reference behaviour).
+
+    ``optimizer``, ``lr``, ``lr_decay``, ``epochs``, ``passes_per_epoch``, ``frozen_bn_train_mode``, ``head`` and
+    ``image_score`` left unset take the backbone's measured defaults (``backbones.TRAINING_DEFAULTS``; the paper's
+    recipe for VGG-11-BN and the ResNets), so every backbone trains to its best accuracy in a bounded time.
         precision: Lightning precision; ``auto`` = ``bf16-mixed`` where bf16 is native (AMX/AVX512-BF16 CPUs, CUDA
             GPUs with bf16), else ``32-true``.
         accelerate: channels-last tensors and BatchNorm folded at inference (:mod:`.acceleration`); ``False`` runs
@@ -142,34 +174,25 @@ class FcddHsc(AnomalibModule):
         minmax: str | list[float] | None = "auto",
         augment: bool = True,
         image_size: int | tuple[int, int] = 224,
-        lr: float = 1e-3,
+        optimizer: str | None = None,
+        lr: float | None = None,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
-        lr_decay: float = 0.985,
+        lr_decay: float | None = None,
         epochs: int | None = None,
-        passes_per_epoch: int = 10,
-        frozen_bn_train_mode: bool = True,
+        passes_per_epoch: int | None = None,
+        frozen_bn_train_mode: bool | None = None,
         precision: str = "auto",
         accelerate: bool = True,
         input_normalization: str = "auto",
-        head: str = "linear",
-        image_score: str = "mean",
+        head: str | None = None,
+        image_score: str | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: Any = True,
         evaluator: Evaluator | bool = True,
         visualizer: Any = True,
     ) -> None:
-        check_options(
-            {
-                "loss": loss,
-                "backbone": backbone,
-                "precision": precision,
-                "minmax": minmax,
-                "weights_path": weights_path,
-                "input_normalization": input_normalization,
-                "image_size": image_size,
-            }
-        )
+        check_options({name: value for name, value in locals().items() if name != "self"})
         super().__init__(
             pre_processor=self.configure_pre_processor(check_image_size(image_size))
             if pre_processor is True
@@ -180,8 +203,12 @@ class FcddHsc(AnomalibModule):
         )
         self.minmax = minmax
         self.image_size = check_image_size(image_size)
-        self.lr, self.momentum, self.weight_decay, self.lr_decay = lr, momentum, weight_decay, lr_decay
-        self.epochs, self.passes_per_epoch = epochs, passes_per_epoch
+        defaults = training_defaults(backbone)
+        self.optimizer_name = _chosen(optimizer, defaults.optimizer)
+        self.lr, self.lr_decay = _chosen(lr, defaults.lr), _chosen(lr_decay, defaults.lr_decay)
+        self.momentum, self.weight_decay = momentum, weight_decay
+        self.epochs = _chosen(epochs, defaults.epochs)
+        self.passes_per_epoch = _chosen(passes_per_epoch, defaults.passes_per_epoch)
         self.precision = str(precision)
         self.model = FcddModel(
             backbone=backbone,
@@ -190,11 +217,11 @@ class FcddHsc(AnomalibModule):
             frozen_modules=frozen_modules,
             gauss_std=gauss_std,
             minmax=None if minmax in {"auto", None} else minmax,
-            frozen_bn_train_mode=frozen_bn_train_mode,
+            frozen_bn_train_mode=_chosen(frozen_bn_train_mode, defaults.frozen_bn_train_mode),
             accelerate=accelerate,
             input_normalization=input_normalization,
-            head=head,
-            image_score=image_score,
+            head=_chosen(head, defaults.head),
+            image_score=_chosen(image_score, defaults.image_score),
         )
         self.loss = FcddLoss(loss)
         self.anomaly_generator = ConfettiAnomalyGenerator(
@@ -286,14 +313,18 @@ class FcddHsc(AnomalibModule):
         )
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """SGD with Nesterov momentum; lr decays by ``lr_decay`` once per paper epoch (``passes_per_epoch`` passes)."""
-        optimizer = optim.SGD(
-            [p for p in self.model.parameters() if p.requires_grad],
-            lr=self.lr,
-            momentum=self.momentum,
-            nesterov=self.momentum > 0,
-            weight_decay=self.weight_decay,
-        )
+        """SGD with Nesterov momentum (or AdamW); lr decays by ``lr_decay`` once per paper epoch."""
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        if self.optimizer_name == "adam":
+            optimizer: optim.Optimizer = optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            optimizer = optim.SGD(
+                parameters,
+                lr=self.lr,
+                momentum=self.momentum,
+                nesterov=self.momentum > 0,
+                weight_decay=self.weight_decay,
+            )
         decay, passes = self.lr_decay, self.passes_per_epoch
         scheduler = optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: decay ** (epoch // passes))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
@@ -301,11 +332,12 @@ class FcddHsc(AnomalibModule):
     @property
     def trainer_arguments(self) -> dict[str, Any]:
         """No sanity validation; bf16 where native; ``epochs`` paper epochs = ``epochs * passes_per_epoch`` passes."""
-        arguments: dict[str, Any] = {"num_sanity_val_steps": 0, "precision": resolve_precision(self.precision)}
-        if self.epochs is not None:
-            arguments["max_epochs"] = self.epochs * self.passes_per_epoch
-            arguments["check_val_every_n_epoch"] = self.passes_per_epoch
-        return arguments
+        return {
+            "num_sanity_val_steps": 0,
+            "precision": resolve_precision(self.precision),
+            "max_epochs": self.epochs * self.passes_per_epoch,
+            "check_val_every_n_epoch": self.passes_per_epoch,
+        }
 
     def setup(self, stage: str) -> None:
         """Settle ``precision="auto"`` for the device the run really uses.
@@ -378,6 +410,11 @@ class Fcdd(FcddHsc, AnomalibModule):
         super().__init__(
             loss=loss, confetti_smoothing=confetti_smoothing, image_level_masks=image_level_masks, **kwargs
         )
+
+
+def _chosen(value: Any, default: Any) -> Any:
+    """The user's ``value``, or the backbone's ``default`` where it was left unset (``None``)."""
+    return default if value is None else value
 
 
 def _is_mvtec(datamodule: object) -> bool:

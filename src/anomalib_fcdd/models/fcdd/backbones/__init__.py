@@ -27,8 +27,8 @@ from __future__ import annotations
 from functools import partial
 
 from ....errors import ConfigurationError
-from .base import Backbone, BackboneBuilder
-from .efficientnet_lite import build_efficientnet_lite0
+from .base import Backbone, BackboneBuilder, TrainingDefaults
+from .efficientnet_lite import build_efficientnet_lite0, build_efficientnet_lite0_multiscale
 from .receptive_field import derive_receptive_field
 from .resnet import build_timm_resnet
 from .vgg import build_vgg11_bn
@@ -39,7 +39,26 @@ BACKBONES: dict[str, BackboneBuilder] = {
     "resnet18": partial(build_timm_resnet, "resnet18"),
     "wide_resnet50_2": partial(build_timm_resnet, "wide_resnet50_2"),
     "efficientnet_lite0": build_efficientnet_lite0,
+    "efficientnet_lite0_multiscale": build_efficientnet_lite0_multiscale,
 }
+#: Training defaults per backbone (:class:`~.base.TrainingDefaults`); backbones not listed use the paper's recipe.
+TRAINING_DEFAULTS: dict[str, TrainingDefaults] = {
+    "efficientnet_lite0_multiscale": TrainingDefaults(
+        optimizer="adam",
+        lr=1e-3,
+        lr_decay=1.0,
+        epochs=10,
+        passes_per_epoch=1,
+        head="mlp",
+        image_score="max",
+        frozen_bn_train_mode=False,
+    ),
+}
+
+
+def training_defaults(backbone: str) -> TrainingDefaults:
+    """The training options ``FcddHsc`` uses for ``backbone`` where the user set none."""
+    return TRAINING_DEFAULTS.get(check_backbone_name(backbone), TrainingDefaults())
 
 
 def check_backbone_name(name: str) -> str:
@@ -75,4 +94,5 @@ __all__ = [
     "build_backbone",
     "check_backbone_name",
     "derive_receptive_field",
+    "training_defaults",
 ]

