@@ -168,6 +168,6 @@ def test_image_score_is_the_mean_of_the_low_resolution_map_or_the_peak_of_the_up
 
 def test_mlp_head_maps_each_feature_vector_to_one_scalar() -> None:
     model = FcddHsc(backbone="efficientnet_lite0", pre_trained=False, minmax="bottle", head="mlp").model
-    first, _, second = model.head
+    first, _, _, second = model.head
     assert (first.in_channels, first.out_channels, second.out_channels) == (40, 128, 1)
     assert first.kernel_size == second.kernel_size == (1, 1)

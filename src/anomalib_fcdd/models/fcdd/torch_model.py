@@ -63,7 +63,10 @@ def build_head(name: str, channels: int) -> nn.Module:
         return nn.Conv2d(channels, 1, kernel_size=1, bias=True)
     if name == "mlp":
         return nn.Sequential(
-            nn.Conv2d(channels, MLP_HIDDEN, kernel_size=1), nn.ReLU(), nn.Conv2d(MLP_HIDDEN, 1, kernel_size=1)
+            nn.Conv2d(channels, MLP_HIDDEN, kernel_size=1),
+            nn.BatchNorm2d(MLP_HIDDEN),
+            nn.ReLU(),
+            nn.Conv2d(MLP_HIDDEN, 1, kernel_size=1),
         )
     raise ConfigurationError(f"Unknown head {name!r} (--model.head); use one of {HEADS}.")
 
@@ -91,7 +94,7 @@ class FcddModel(nn.Module):
         input_normalization: ``lcn_minmax``, ``weights`` or ``auto``
             (:func:`~.pre_processing.resolve_input_normalization`).
         head: ``linear``, the paper's 1x1 convolution ``C -> 1``, or ``mlp``, two 1x1 convolutions ``C -> 128 -> 1``
-            with a ReLU between: still one scalar per feature vector, from a nonlinear function of it.
+            with BatchNorm and ReLU between: still one scalar per feature vector, from a nonlinear function of it.
         image_score: ``mean`` of the low-resolution map (the reference's) or ``max`` of the upsampled map.
     """
 
