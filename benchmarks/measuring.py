@@ -318,8 +318,8 @@ def run_job(job: Job, profile: Profile, work_dir: Path, keep_artefacts: bool = F
     seed_everything(job.seed, workers=True, verbose=False)
     datamodule = build_datamodule(job, profile)
     model = build_model(job, profile)
-    result = fit_and_test(model, datamodule, run_dir, _max_epochs(job, profile), profile.validate_each_epoch)
-    row = _job_row(job, profile, datamodule)
+    result = fit_and_test(model, datamodule, run_dir, _max_epochs(model), profile.validate_each_epoch)
+    row = _job_row(job, profile, datamodule, model)
     row.update({column: _fmt(value) for column, value in result.metrics.items()})
     row.update(
         train_time_s=_fmt(result.train_time_s),
@@ -337,13 +337,12 @@ def run_job(job: Job, profile: Profile, work_dir: Path, keep_artefacts: bool = F
     return row
 
 
-def _max_epochs(job: Job, profile: Profile) -> int:
-    if job.method.model == "fcdd":
-        return profile.fcdd.epochs * profile.fcdd.passes_per_epoch
-    return 1
+def _max_epochs(model: Any) -> int:
+    """FCDD's budget as the model resolved it (the profile's or the backbone's default); one pass for the others."""
+    return model.trainer_arguments.get("max_epochs", 1) if hasattr(model, "passes_per_epoch") else 1
 
 
-def _job_row(job: Job, profile: Profile, datamodule: Any) -> Row:
+def _job_row(job: Job, profile: Profile, datamodule: Any, model: Any) -> Row:
     """Key, configuration and metadata columns of a finished job (metrics and costs are added by the caller)."""
     import anomalib
     import torch
@@ -354,8 +353,8 @@ def _job_row(job: Job, profile: Profile, datamodule: Any) -> Row:
     row: Row = dict(zip(KEY_COLUMNS, job.key(), strict=True))
     row.update(
         image_size=str(image_size if image_size is not None else "default"),
-        epochs=str(profile.fcdd.epochs) if fcdd else "",
-        passes_per_epoch=str(profile.fcdd.passes_per_epoch) if fcdd else "",
+        epochs=str(model.epochs) if fcdd else "",
+        passes_per_epoch=str(model.passes_per_epoch) if fcdd else "",
         train_batch_size=str(profile.fcdd.train_batch_size if fcdd else profile.baselines.train_batch_size),
         n_train=str(len(train)),
         n_train_anomalous=str(_training_anomalies(datamodule)),

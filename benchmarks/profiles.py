@@ -150,15 +150,28 @@ FULL = Profile(
 OFFLINE = Profile(
     name="offline",
     description=(
-        "No network, 2 CPU cores, 10-55 minutes: MVTec-AD bottle plus the three demo textures, all methods on the "
-        "offline ImageNet EfficientNet-Lite0, 2 seeds, 32 training images per category (the same seeded subset for "
-        "every method), FCDD for 4 epochs of 2 passes (batch 8, 224 x 224), PatchCore with a 1 % coreset. "
-        "See benchmarks/RUNNER.md for the reasoning."
+        "No network, 2 CPU cores, about an hour: MVTec-AD bottle, the three demo textures and any --extra-root "
+        "categories (Magnetic-Tile: --extra-root ../shared/data), full training sets, one seed. FCDD-HSC "
+        "(pixel-balanced loss) unsupervised and semi-supervised (k = 1 real defect per type) on "
+        "efficientnet_lite0_multiscale with its default budget and recipe, against PaDiM and PatchCore (1 % coreset) "
+        "on the same offline ImageNet EfficientNet-Lite0 weights, 224 x 224. See benchmarks/RUNNER.md."
     ),
-    seeds=(0, 1),
+    methods=(
+        Method("fcdd", "pixel_balanced", UNSUPERVISED),
+        Method("fcdd", "pixel_balanced", SEMI_SUPERVISED),
+        Method("padim"),
+        Method("patchcore"),
+    ),
+    seeds=(0,),
     mvtec_categories=("bottle",),
     include_demo=True,
-    fcdd=FcddBudget(backbone="efficientnet_lite0", pre_trained=True, epochs=4, passes_per_epoch=2, train_batch_size=8),
+    fcdd=FcddBudget(
+        backbone="efficientnet_lite0_multiscale",
+        pre_trained=True,
+        epochs=None,
+        passes_per_epoch=None,
+        train_batch_size=16,
+    ),
     baselines=BaselineConfig(
         padim_backbone="efficientnet_lite0",
         patchcore_backbone="efficientnet_lite0",
@@ -168,7 +181,7 @@ OFFLINE = Profile(
         coreset_sampling_ratio=0.01,
     ),
     eval_batch_size=16,
-    max_train_images=32,
+    num_workers=2,
 )
 
 SMOKE = Profile(

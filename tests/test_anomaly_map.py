@@ -72,3 +72,21 @@ def test_separable_form_equals_the_2d_kernel() -> None:
     full = ReceptiveFieldUpsampler(VGG_FIELD, std=12, separable=False).double()
     # Equal up to the float32 rounding of the stored kernel and window (~6e-8 relative).
     torch.testing.assert_close(separable(low, (224, 224)), full(low, (224, 224)), rtol=2e-7, atol=1e-9)
+
+
+def test_a_wide_receptive_field_uses_a_capped_kernel_with_the_same_maps() -> None:
+    """A 355-px field (the multi-scale backbone's) at sigma 12: 97 taps instead of 355, results equal to 1e-3 relative.
+
+    Hand computation: the full 355 x 355 reference kernel as one transposed convolution, cropped to centre pixel ``i``
+    at ``8 i + 11``.
+    """
+    import torch.nn.functional as F  # noqa: N812
+
+    field = ReceptiveField(355, 8, 11.0)
+    upsampler = ReceptiveFieldUpsampler(field, 12.0)
+    assert upsampler.kernel_size == 97
+    low = torch.rand(2, 1, 28, 28)
+    full = F.conv_transpose2d(low, receptive_field_kernel(355, 12.0).float()[None, None], stride=8)
+    start = (355 - 1) // 2 - 11
+    expected = F.pad(full, (0, 8, 0, 8))[:, :, start : start + 224, start : start + 224]
+    torch.testing.assert_close(upsampler(low, (224, 224)), expected, rtol=1e-3, atol=1e-6)

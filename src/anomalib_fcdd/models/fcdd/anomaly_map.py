@@ -59,6 +59,20 @@ def receptive_field_kernel(size: int, std: float) -> torch.Tensor:
     return torch.outer(window, window)
 
 
+#: Gaussian taps further than this many standard deviations from the centre are below 3.4e-4 of the peak.
+KERNEL_STDS = 4
+
+
+def kernel_size(receptive_field_size: int, std: float) -> int:
+    """The receptive field's size, capped at ``2 * ceil(4 std) + 1`` taps.
+
+    The reference sizes the kernel by the receptive field (62 for VGG, below the cap of 97 at sigma 12, so unchanged).
+    A multi-scale backbone's field spans hundreds of pixels, whose outer taps are zero to float precision but would
+    make the transposed convolution several times slower.
+    """
+    return min(receptive_field_size, 2 * math.ceil(KERNEL_STDS * std) + 1)
+
+
 class ReceptiveFieldUpsampler(nn.Module):
     """Upsample a ``B x 1 x h x w`` map to the input resolution with the fixed Gaussian receptive-field kernel.
 
@@ -81,12 +95,13 @@ class ReceptiveFieldUpsampler(nn.Module):
             raise ValueError(f"gauss_std must be positive, got {std}.")
         self.receptive_field = receptive_field
         self.std = float(std)
-        kernel = receptive_field_kernel(receptive_field.size, std).to(torch.float32)
+        self.kernel_size = kernel_size(receptive_field.size, self.std)
+        kernel = receptive_field_kernel(self.kernel_size, std).to(torch.float32)
         self.register_buffer("kernel", kernel[None, None], persistent=False)
-        window = (gaussian_window(receptive_field.size, std) / 2).to(torch.float32)
+        window = (gaussian_window(self.kernel_size, std) / 2).to(torch.float32)
         self.register_buffer("window", window, persistent=False)
         self.separable = separable
-        self.crop_start = (receptive_field.size - 1) // 2 - math.floor(receptive_field.offset)
+        self.crop_start = (self.kernel_size - 1) // 2 - math.floor(receptive_field.offset)
         if self.crop_start < 0:
             raise ValueError(f"Receptive field {receptive_field} gives a negative crop; offset larger than r/2.")
 
