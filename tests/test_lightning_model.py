@@ -59,22 +59,24 @@ def test_trainer_arguments_convert_paper_epochs() -> None:
 @pytest.mark.parametrize(
     ("backbone", "optimizer", "lr", "passes", "head", "score"),
     [
-        ("vgg11_bn", "sgd", 1e-3, 500, "linear", "mean"),  # the paper's recipe: 50 epochs x 10 passes
-        ("efficientnet_lite0_multiscale", "adam", 1e-3, 10, "mlp", "max"),
+        ("vgg11_bn", "sgd", 1e-3, (500, -1), "linear", "mean"),  # the paper's recipe: 50 epochs x 10 passes
+        ("efficientnet_lite0_multiscale", "adam", 1e-3, (-1, 500), "mlp", "max"),  # 500 steps, however many passes
     ],
 )
 def test_unset_training_options_take_the_backbones_documented_defaults(
-    backbone: str, optimizer: str, lr: float, passes: int, head: str, score: str
+    backbone: str, optimizer: str, lr: float, passes: tuple[int, int], head: str, score: str
 ) -> None:
     """The budget is always bounded (no Lightning 1000-pass default) and is what README and docs/backbones.md say."""
     model = FcddHsc(backbone=backbone, pre_trained=False, minmax="bottle")
-    assert model.trainer_arguments["max_epochs"] == passes
+    budget = model.trainer_arguments
+    assert (budget["max_epochs"], budget.get("max_steps", -1)) == passes
     assert (model.optimizer_name, model.lr, model.model.image_score) == (optimizer, lr, score)
     assert isinstance(model.model.head, torch.nn.Conv2d) == (head == "linear")
     optimizer_class = model.configure_optimizers()["optimizer"].__class__.__name__
     assert optimizer_class == {"sgd": "SGD", "adam": "AdamW"}[optimizer]
     overridden = FcddHsc(backbone=backbone, pre_trained=False, minmax="bottle", epochs=2, passes_per_epoch=3, lr=0.1)
     assert overridden.trainer_arguments["max_epochs"] == 6 and overridden.lr == 0.1
+    assert "max_steps" not in overridden.trainer_arguments  # a pass budget the user gives replaces the step budget
 
 
 @pytest.mark.parametrize(

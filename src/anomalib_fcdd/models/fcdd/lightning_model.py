@@ -18,6 +18,7 @@ with ``weights_only=True``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -92,6 +93,8 @@ def check_options(options: Mapping[str, Any]) -> None:
             raise ConfigurationError(f"--model.{name} {value} is out of range: it must be {wording}.")
 
 
+#: Training steps after which the expected duration of the whole budget is logged.
+ETA_AFTER_STEPS = 5
 #: ``optimizer`` choices.
 OPTIMIZERS = ("sgd", "adam")
 #: Numeric options and the values they accept (``None`` always means "the backbone's default").
@@ -209,6 +212,8 @@ class FcddHsc(AnomalibModule):
         self.momentum, self.weight_decay = momentum, weight_decay
         self.epochs = _chosen(epochs, defaults.epochs)
         self.passes_per_epoch = _chosen(passes_per_epoch, defaults.passes_per_epoch)
+        # A step budget (bounded time whatever the dataset's size) applies unless the user sets a pass budget.
+        self.steps = defaults.steps if epochs is None and passes_per_epoch is None else None
         self.precision = str(precision)
         self.model = FcddModel(
             backbone=backbone,
@@ -268,6 +273,7 @@ class FcddHsc(AnomalibModule):
     # ----------------------------------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
         """Pick the anomaly source and make sure the min-max constants exist (shipped MVTec ones or computed)."""
+        self._train_started = time.perf_counter()
         self.model.require_weights()  # pretrained weights that could not be fetched (and no checkpoint resumed)
         datamodule = self.trainer.datamodule
         # A datamodule that supplies real training anomalies (MVTecFewAnomalies) switches confetti off for good.
@@ -331,13 +337,35 @@ class FcddHsc(AnomalibModule):
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """No sanity validation; bf16 where native; ``epochs`` paper epochs = ``epochs * passes_per_epoch`` passes."""
+        """No sanity validation; bf16 where native; the budget: ``steps`` optimiser steps (validated once, at the end)
+        or ``epochs`` paper epochs = ``epochs * passes_per_epoch`` passes (validated after each paper epoch)."""
+        arguments: dict[str, Any] = {"num_sanity_val_steps": 0, "precision": resolve_precision(self.precision)}
+        if self.steps is not None:
+            return {
+                **arguments,
+                "max_steps": self.steps,
+                "max_epochs": -1,
+                "check_val_every_n_epoch": None,
+                "val_check_interval": self.steps,
+            }
         return {
-            "num_sanity_val_steps": 0,
-            "precision": resolve_precision(self.precision),
+            **arguments,
             "max_epochs": self.epochs * self.passes_per_epoch,
             "check_val_every_n_epoch": self.passes_per_epoch,
         }
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After a few steps, say how long the whole budget will take at the pace so far."""
+        del outputs, batch
+        if self.trainer.global_step == ETA_AFTER_STEPS and batch_idx < self.trainer.num_training_batches:
+            elapsed = time.perf_counter() - self._train_started
+            total = self.trainer.estimated_stepping_batches
+            logger.info(
+                "FCDD: %d training steps in all; about %.1f min at the pace of the first %d.",
+                total,
+                elapsed / ETA_AFTER_STEPS * total / 60,
+                ETA_AFTER_STEPS,
+            )
 
     def setup(self, stage: str) -> None:
         """Settle ``precision="auto"`` for the device the run really uses.
