@@ -301,7 +301,8 @@ def _differences_text(frame: pd.DataFrame) -> str:
     lines += [
         "- **Evaluation resolution**: anomalib computes pixel metrics at the model's input resolution (`input size` "
         "above), against masks resized with the images (nearest neighbour); the paper's AUROC used the original mask "
-        "resolution (700-1024 px, nearest-upsampled heatmaps) and its AP a 224 x 224 re-evaluation.",
+        "resolution (700-1024 px, nearest-upsampled heatmaps) and its AP a 224 x 224 re-evaluation. The runner also "
+        "reports that protocol: `pixel AUROC at full resolution` upsamples each map (nearest) to its image's size.",
         "- **AUROC computation**: the paper's final AUROC interpolated the ROC onto 3000 thresholds; anomalib's is "
         "exact. anomalib's AUPR is the step-wise average precision, like sklearn's `average_precision_score` used "
         "for the paper's AP.",

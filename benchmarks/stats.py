@@ -48,6 +48,7 @@ METRICS = {
     "pixel_ap": "pixel AP",
     "pixel_aupro": "pixel AUPRO",
     "image_auroc": "image AUROC",
+    "pixel_auroc_full": "pixel AUROC at full resolution",
 }
 KEY_COLUMNS = ("model", "loss", "setting", "backbone", "pre_trained", "dataset", "category", "seed")
 MODEL_NAMES = {"fcdd": "FCDD", "padim": "PaDiM", "patchcore": "PatchCore"}
@@ -63,6 +64,9 @@ def load_results(path: str | Path) -> pd.DataFrame:
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame(columns=[*KEY_COLUMNS, "method", "block"])
     frame = pd.read_csv(path, dtype={column: str for column in KEY_COLUMNS}, keep_default_na=False, na_values=[""])
+    for metric in METRICS:  # files written before a metric existed: NaN (shown as missing)
+        if metric not in frame:
+            frame[metric] = float("nan")
     return label_rows(frame)
 
 

@@ -230,7 +230,7 @@ def test_paper_numbers_reproduce_the_published_means() -> None:
     assert len(paper) == 15 * 2 * 2 * 2
     assert not paper.duplicated(["category", "setting", "loss", "metric"]).any()
     means = paper.groupby(["metric", "setting", "loss"])["mean"].mean()
-    published = {  # fcdd-method.md sec. 8b (2 decimals) and 8c (1 decimal) "mean" rows
+    published = {  # the paper's sec. 5 tables, "mean" rows (AUROC 2 decimals, AP 1)
         ("pixel_auroc", "unsupervised", "per_image"): (92.50, 0.005),
         ("pixel_auroc", "unsupervised", "pixel_balanced"): (93.04, 0.005),
         ("pixel_auroc", "semi-supervised", "per_image"): (96.41, 0.005),
