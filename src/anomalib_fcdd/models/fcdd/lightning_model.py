@@ -49,7 +49,7 @@ from .pre_processing import (
     check_input_normalization,
     resolve_minmax,
 )
-from .torch_model import HEADS, FcddModel, check_image_score
+from .torch_model import FcddModel, check_head, check_image_score
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ def check_options(options: Mapping[str, Any]) -> None:
         raise ConfigurationError(
             f"Unknown optimizer {options['optimizer']!r} (--model.optimizer); use one of {OPTIMIZERS}."
         )
-    if options.get("head") not in {None, *HEADS}:
-        raise ConfigurationError(f"Unknown head {options['head']!r} (--model.head); use one of {HEADS}.")
+    if options.get("head") is not None:
+        check_head(options["head"])
     if options.get("image_score") is not None:
         check_image_score(options["image_score"])
     for name, (allowed, wording) in NUMBER_RANGES.items():
@@ -159,7 +159,7 @@ class FcddHsc(AnomalibModule):
         input_normalization: ``lcn_minmax`` (the paper's LCN + min-max, sec. 4), ``weights`` (the statistics the
             pretrained backbone was trained with) or ``auto``: the paper's for VGG-11-BN and untrained backbones,
             the weights' own for every other pretrained backbone.
-        head: ``linear`` (the paper's 1x1 convolution) or ``mlp`` (two 1x1 convolutions with a ReLU between).
+        head: ``linear`` (the paper's 1x1 convolution) or ``mlp`` (two 1x1 convolutions, BatchNorm and ReLU between).
         image_score: ``mean`` of the low-resolution map (the reference's) or ``max`` of the upsampled map.
     """
 
@@ -356,8 +356,8 @@ class FcddHsc(AnomalibModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """After a few steps, say how long the whole budget will take at the pace so far."""
-        del outputs, batch
-        if self.trainer.global_step == ETA_AFTER_STEPS and batch_idx < self.trainer.num_training_batches:
+        del outputs, batch, batch_idx
+        if self.trainer.global_step == ETA_AFTER_STEPS:
             elapsed = time.perf_counter() - self._train_started
             total = self.trainer.estimated_stepping_batches
             logger.info(

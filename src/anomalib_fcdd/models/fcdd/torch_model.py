@@ -57,18 +57,23 @@ def check_image_score(name: str) -> str:
     return name
 
 
+def check_head(name: str) -> str:
+    """``name`` if it is one of :data:`HEADS`, else a :class:`ConfigurationError`."""
+    if name not in HEADS:
+        raise ConfigurationError(f"Unknown head {name!r} (--model.head); use one of {HEADS}.")
+    return name
+
+
 def build_head(name: str, channels: int) -> nn.Module:
     """The map from a ``channels``-long feature vector to the scalar ``phi`` (see :data:`HEADS`)."""
-    if name == "linear":
+    if check_head(name) == "linear":
         return nn.Conv2d(channels, 1, kernel_size=1, bias=True)
-    if name == "mlp":
-        return nn.Sequential(
-            nn.Conv2d(channels, MLP_HIDDEN, kernel_size=1),
-            nn.BatchNorm2d(MLP_HIDDEN),
-            nn.ReLU(),
-            nn.Conv2d(MLP_HIDDEN, 1, kernel_size=1),
-        )
-    raise ConfigurationError(f"Unknown head {name!r} (--model.head); use one of {HEADS}.")
+    return nn.Sequential(
+        nn.Conv2d(channels, MLP_HIDDEN, kernel_size=1),
+        nn.BatchNorm2d(MLP_HIDDEN),
+        nn.ReLU(),
+        nn.Conv2d(MLP_HIDDEN, 1, kernel_size=1),
+    )
 
 
 class FcddModel(nn.Module):
