@@ -528,3 +528,29 @@ def test_impossible_image_sizes_are_refused(size: object) -> None:
 
     with pytest.raises(ConfigurationError, match="image_size"):
         FcddHsc(backbone="efficientnet_lite0", pre_trained=False, image_size=size)
+
+
+def test_keep_aspect_ratio_trains_checkpoints_and_exports_at_the_datas_ratio(tmp_path: Path) -> None:
+    """Training images 72 x 48 (3:2) and ``image_size=48, keep_aspect_ratio=True``: the model trains and tests at
+    48 x 72; the checkpoint and the exported graph keep that size, whatever the test images' ratio."""
+    root = make_synthetic_mvtec(tmp_path / "data", "wide", n_train=6, n_test_good=2, n_test_defect=2, size=48, seed=4)
+    for path in root.rglob("*.png"):  # stretch every image and mask to 72 x 48
+        with Image.open(path) as image:
+            image.resize((72, 48), Image.Resampling.NEAREST).save(path)
+    seed_everything(0, workers=True)
+    datamodule = MVTec(root=root.parent, category="wide", train_batch_size=8, eval_batch_size=8, num_workers=0)
+    model = FcddHsc(
+        backbone="efficientnet_lite0", image_size=48, keep_aspect_ratio=True, epochs=1, passes_per_epoch=1
+    )
+    engine = Engine(default_root_dir=tmp_path, logger=False, accelerator="cpu", enable_progress_bar=False)
+    engine.fit(model, datamodule=datamodule)
+    assert model.image_size == (48, 72) and model.augmentation.size == (48, 72)
+    assert model.pre_processor.train_size == (51, 77)  # 48 * 240/224 = 51.4, 72 * 240/224 = 77.1
+    predictions = engine.predict(model, dataloaders=datamodule.test_dataloader())
+    assert predictions[0].anomaly_map.shape[-2:] == (48, 72)
+    checkpoint = engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    restored = FcddHsc.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
+    assert restored.image_size == (48, 72) and restored.pre_processor.aspect_side is None
+    images = np.random.default_rng(5).random((1, 60, 60, 3), dtype=np.float32)  # a square image is resized to 48 x 72
+    path = restored.to_openvino(tmp_path / "ov", onnx_kwargs={"opset_version": 18})
+    assert run_openvino(path, images)["anomaly_map"].shape[-2:] == (48, 72)

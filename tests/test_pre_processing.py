@@ -10,9 +10,12 @@ from PIL import Image
 from anomalib_fcdd.errors import ConfigurationError
 from anomalib_fcdd.models.fcdd.pre_processing import (
     MVTEC_MINMAX,
+    FcddPreProcessor,
     InputNormalization,
     MinMaxAccumulator,
+    aspect_preserving_size,
     local_contrast_normalization,
+    median_aspect_ratio,
     resolve_minmax,
 )
 
@@ -136,3 +139,46 @@ def test_input_normalization_follows_the_backbone_and_can_be_overridden() -> Non
     assert isinstance(forced.normalization, InputNormalization)
     with pytest.raises(ConfigurationError, match="input_normalization"):
         FcddModel(backbone="efficientnet_lite0", input_normalization="zscore")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# keep_aspect_ratio: the longer side from the training images' aspect ratio
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("side", "ratio", "expected"),
+    [
+        (224, 4 / 3, (224, 296)),  # 224 * 4/3 = 298.7 -> 37.3 cells of 8 -> 37 -> 296
+        (224, 3 / 4, (296, 224)),  # portrait: the width is the shorter side
+        (224, 1.0, (224, 224)),
+        (64, 1.5, (64, 96)),
+        (32, 1.01, (32, 32)),  # 32.3 rounds back to 32: never shorter than the side
+    ],
+)
+def test_aspect_preserving_size_by_hand(side: int, ratio: float, expected: tuple[int, int]) -> None:
+    assert aspect_preserving_size(side, ratio) == expected
+
+
+def test_median_aspect_ratio_reads_upright_headers(tmp_path) -> None:
+    """Three landscape 60 x 40 files, one of them stored as 40 x 60 with EXIF "rotate 90" (orientation 6)."""
+    paths = []
+    for index in range(3):
+        path = tmp_path / f"{index}.jpg"
+        if index == 2:
+            exif = Image.Exif()
+            exif[274] = 6
+            Image.new("RGB", (40, 60)).save(path, exif=exif)
+        else:
+            Image.new("RGB", (60, 40)).save(path)
+        paths.append(path)
+    Image.new("RGB", (90, 40)).save(tmp_path / "wide.png")
+    assert median_aspect_ratio(paths) == (1.5, 1.5, 1.5)
+    assert median_aspect_ratio([*paths, tmp_path / "wide.png"]) == (1.5, 1.5, 2.25)
+    with pytest.raises(ConfigurationError, match="training set is empty"):
+        median_aspect_ratio([])
+
+
+def test_keep_aspect_ratio_takes_one_side() -> None:
+    with pytest.raises(ConfigurationError, match="keep_aspect_ratio takes --model.image_size as one side"):
+        FcddPreProcessor(image_size=(64, 96), keep_aspect_ratio=True)
+    assert FcddPreProcessor(image_size=64, keep_aspect_ratio=True).aspect_side == 64
+    assert FcddPreProcessor(image_size=64).aspect_side is None

@@ -94,9 +94,26 @@ def inspect_image(path: Path | str) -> ImageInfo:
             raise
         except _DECODE_ERRORS as error:
             raise _unreadable(path, error) from error
-    if orientation in _TRANSPOSED_ORIENTATIONS:
-        width, height = height, width
-    return ImageInfo(mode=mode, size=(width, height))
+    return ImageInfo(mode=mode, size=_upright(width, height, orientation))
+
+
+def upright_size(path: Path | str) -> tuple[int, int]:
+    """Upright ``(width, height)`` of ``path`` from its header and EXIF orientation alone (no pixel is decoded).
+
+    Raises:
+        ImageDecodeError: the file is not a readable image.
+    """
+    path = Path(path)
+    with _opened(path) as image:
+        try:
+            return _upright(*image.size, image.getexif().get(_EXIF_ORIENTATION, 1))
+        except _DECODE_ERRORS as error:
+            raise _unreadable(path, error) from error
+
+
+def _upright(width: int, height: int, orientation: int) -> tuple[int, int]:
+    """``(width, height)`` as a viewer shows the picture: swapped for the EXIF orientations that turn it by 90 deg."""
+    return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
 
 
 def decode_rgb(path: Path | str) -> np.ndarray:

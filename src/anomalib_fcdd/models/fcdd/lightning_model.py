@@ -46,6 +46,7 @@ from .pre_processing import (
     FcddPreProcessor,
     MinMaxAccumulator,
     as_height_width,
+    check_aspect_option,
     check_input_normalization,
     resolve_minmax,
 )
@@ -73,6 +74,7 @@ def check_options(options: Mapping[str, Any]) -> None:
         check_precision(options["precision"])
     if "image_size" in options:
         check_image_size(options["image_size"])
+        check_aspect_option(options["image_size"], bool(options.get("keep_aspect_ratio")))
     if "input_normalization" in options:
         check_input_normalization(options["input_normalization"])
     if options.get("minmax") not in {None, "auto"}:
@@ -142,6 +144,9 @@ class FcddHsc(AnomalibModule):
         augment: apply the reference's training augmentation.
         image_size: side of the network input (224), or ``[height, width]`` for non-square parts; each side a
             multiple of 8, at least 32.
+        keep_aspect_ratio: ``image_size`` is the shorter side, and the longer one follows the training images'
+            median aspect ratio (measured when training starts, saved in the checkpoint; see
+            :class:`~.pre_processing.FcddPreProcessor`).
         optimizer: ``sgd`` (Nesterov when momentum > 0, the paper's) or ``adam`` (AdamW).
         lr, momentum, weight_decay: optimiser settings.
         lr_decay: multiplicative learning-rate decay per paper epoch.
@@ -177,6 +182,7 @@ class FcddHsc(AnomalibModule):
         minmax: str | list[float] | None = "auto",
         augment: bool = True,
         image_size: int | tuple[int, int] = 224,
+        keep_aspect_ratio: bool = False,
         optimizer: str | None = None,
         lr: float | None = None,
         momentum: float = 0.9,
@@ -197,7 +203,7 @@ class FcddHsc(AnomalibModule):
     ) -> None:
         check_options({name: value for name, value in locals().items() if name != "self"})
         super().__init__(
-            pre_processor=self.configure_pre_processor(check_image_size(image_size))
+            pre_processor=self.configure_pre_processor(check_image_size(image_size), keep_aspect_ratio)
             if pre_processor is True
             else pre_processor,
             post_processor=post_processor,
@@ -368,7 +374,8 @@ class FcddHsc(AnomalibModule):
             )
 
     def setup(self, stage: str) -> None:
-        """Settle ``precision="auto"`` for the device the run really uses.
+        """Take the input size the pre-processor settled (``keep_aspect_ratio``; its hook runs just before this one),
+        and settle ``precision="auto"`` for the device the run really uses.
 
         ``trainer_arguments`` is read before the trainer exists, so it resolves ``auto`` for the default device: a
         bf16 GPU when there is one. A run forced onto the CPU (``--trainer.accelerator cpu``) of such a machine would
@@ -376,6 +383,7 @@ class FcddHsc(AnomalibModule):
         sets up the module, so the precision plugin can still be swapped.
         """
         super().setup(stage)
+        self._adopt_input_size()
         if self.precision != "auto" or self._trainer is None:
             return
         strategy = self.trainer.strategy
@@ -387,6 +395,20 @@ class FcddHsc(AnomalibModule):
         if wanted != plugin.precision:
             strategy.precision_plugin = Precision() if wanted == "32-true" else MixedPrecision("bf16-mixed", device)
             logger.info("FCDD: precision 'auto' on %s is %s, not %s.", device, wanted, plugin.precision)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the pre-processor (anomalib) and take the input size it was trained at."""
+        super().on_load_checkpoint(checkpoint)
+        self._adopt_input_size()
+
+    def _adopt_input_size(self) -> None:
+        """Train at the pre-processor's size: it differs from ``image_size`` once ``keep_aspect_ratio`` settled it."""
+        size = getattr(self.pre_processor, "image_size", None)
+        if size is None or tuple(size) == self.image_size:
+            return
+        self.image_size = tuple(size)
+        if self.augmentation is not None:
+            self.augmentation = FcddAugmentation(size=self.image_size)
 
     @staticmethod
     def _post_training_quantization_ov(model: Any, datamodule: Any = None) -> Any:
@@ -404,9 +426,11 @@ class FcddHsc(AnomalibModule):
         return LearningType.ONE_CLASS
 
     @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+    def configure_pre_processor(
+        cls, image_size: tuple[int, int] | None = None, keep_aspect_ratio: bool = False
+    ) -> PreProcessor:
         """Nearest resize to 224 (240 while training); LCN and min-max live inside the network."""
-        return FcddPreProcessor(image_size=as_height_width(image_size or 224))
+        return FcddPreProcessor(image_size=as_height_width(image_size or 224), keep_aspect_ratio=keep_aspect_ratio)
 
     @staticmethod
     def configure_evaluator() -> Evaluator:

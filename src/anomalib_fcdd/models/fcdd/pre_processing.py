@@ -21,6 +21,8 @@ are saved in checkpoints and exported with the model.
 from __future__ import annotations
 
 import json
+import logging
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,10 +30,14 @@ from typing import Any
 import torch
 from anomalib.data import Batch
 from anomalib.pre_processing import PreProcessor
+from anomalib.pre_processing.utils.transform import get_exportable_transform
 from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Resize
 
+from ...data.decode import upright_size
 from ...errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
 
 #: Per-category (min R, min G, min B, max R, max G, max B) after LCN, as the reference code ships them.
 MVTEC_MINMAX: dict[str, tuple[float, ...]] = {
@@ -242,20 +248,76 @@ def training_size(image_size: tuple[int, int]) -> tuple[int, int]:
     return round(image_size[0] * 240 / 224), round(image_size[1] * 240 / 224)
 
 
+#: Images whose aspect ratio is measured for ``keep_aspect_ratio`` (evenly spread over the training set).
+ASPECT_SAMPLE = 256
+#: Spread of the training images' aspect ratios (max / min) above which a warning says that some are stretched.
+ASPECT_SPREAD_WARNING = 1.1
+
+
+def aspect_preserving_size(side: int, ratio: float) -> tuple[int, int]:
+    """``(height, width)`` with the shorter side ``side`` and ``width / height`` as close to ``ratio`` as whole stride-8
+    cells allow: the longer side is ``side * max(ratio, 1 / ratio)`` rounded to a multiple of 8."""
+    longer = max(side, 8 * round(side * max(ratio, 1 / ratio) / 8))
+    return (side, longer) if ratio >= 1 else (longer, side)
+
+
+def median_aspect_ratio(paths: Sequence[str | Path]) -> tuple[float, float, float]:
+    """Median, smallest and largest ``width / height`` of up to :data:`ASPECT_SAMPLE` of ``paths`` (upright, from the
+    file headers).
+
+    Raises:
+        ConfigurationError: ``paths`` is empty.
+    """
+    if not len(paths):
+        raise ConfigurationError("keep_aspect_ratio needs training images to measure, and the training set is empty.")
+    step = max(1, len(paths) // ASPECT_SAMPLE)
+    ratios = [width / height for width, height in map(upright_size, list(paths)[::step])]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def check_aspect_option(image_size: int | Sequence[int], keep_aspect_ratio: bool) -> tuple[int, int]:
+    """``(height, width)`` of ``image_size``; with ``keep_aspect_ratio`` it must be one side (the shorter).
+
+    Raises:
+        ConfigurationError: ``keep_aspect_ratio`` with two different sides.
+    """
+    size = as_height_width(image_size)
+    if keep_aspect_ratio and size[0] != size[1]:
+        raise ConfigurationError(
+            f"--model.keep_aspect_ratio takes --model.image_size as one side (the shorter), not {list(size)}; "
+            "give e.g. --model.image_size 224."
+        )
+    return size
+
+
 class FcddPreProcessor(PreProcessor):
     """Nearest-neighbour resize to ``image_size`` for evaluation and export, to ``train_size`` for training.
 
     The reference draws anomalies at 240 x 240 and only then crops or resizes to 224, so training batches are resized
     to 240 here and brought to 224 by the model's augmentation.
+
+    With ``keep_aspect_ratio``, ``image_size`` is the *shorter* side: when the trainer sets up, the longer one is chosen
+    from the training images' median aspect ratio (:func:`aspect_preserving_size`), and the chosen size is saved in
+    checkpoints, so a checkpoint and its exported graph keep the size it was trained at.
     """
 
     def __init__(
-        self, image_size: int | tuple[int, int] = 224, train_size: int | tuple[int, int] | None = None
+        self,
+        image_size: int | tuple[int, int] = 224,
+        train_size: int | tuple[int, int] | None = None,
+        keep_aspect_ratio: bool = False,
     ) -> None:
-        size = as_height_width(image_size)
+        size = check_aspect_option(image_size, keep_aspect_ratio)
         super().__init__(transform=Resize(size, interpolation=InterpolationMode.NEAREST))
         self.train_size = as_height_width(train_size) if train_size is not None else training_size(size)
         self.train_transform = Resize(self.train_size, interpolation=InterpolationMode.NEAREST)
+        #: The shorter side while the longer one is still to be measured; ``None`` once the size is settled.
+        self.aspect_side: int | None = size[0] if keep_aspect_ratio else None
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the network input."""
+        return as_height_width(self.transform.size)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Inference and export: the same nearest resize as ``transform``, as an index gather (:func:`nearest_resize`).
@@ -269,16 +331,55 @@ class FcddPreProcessor(PreProcessor):
         return nearest_resize(batch, (height, width))
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Decode training images straight to ``train_size``.
+        """Settle a ``keep_aspect_ratio`` size, then decode training images straight to ``train_size``.
 
         anomalib appends the model's (evaluation) resize to every subset's dataset augmentations; for the training set
         that would go original -> 224 -> 240. Swap it for the training resize so it goes original -> 240, as the
-        reference does.
+        reference does. Lightning runs this hook after the datamodule's ``setup`` and before the model's.
         """
         del pl_module, stage
-        train_data = getattr(trainer.datamodule, "train_data", None) if trainer.datamodule is not None else None
-        if train_data is not None:
-            train_data.augmentations = _swap_resize(train_data.augmentations, self.transform, self.train_transform)
+        datamodule = trainer.datamodule
+        subsets = {name: getattr(datamodule, f"{name}_data", None) for name in ("train", "val", "test")}
+        if self.aspect_side is not None and subsets["train"] is not None:
+            previous = self.transform
+            self.resize_to(self._measured_size(subsets["train"]))
+            for dataset in (subsets["val"], subsets["test"]):
+                if dataset is not None:
+                    dataset.augmentations = _swap_resize(dataset.augmentations, previous, self.transform)
+            subsets["train"].augmentations = _swap_resize(subsets["train"].augmentations, previous, self.transform)
+        if subsets["train"] is not None:
+            subsets["train"].augmentations = _swap_resize(
+                subsets["train"].augmentations, self.transform, self.train_transform
+            )
+
+    def _measured_size(self, train_data: Any) -> tuple[int, int]:
+        """The ``keep_aspect_ratio`` size for ``train_data`` (an anomalib dataset), logged with what it was read from."""
+        samples = train_data.samples
+        paths = list(samples.image_path[samples.label_index == 0]) if "label_index" in samples else []
+        median, low, high = median_aspect_ratio(paths or list(samples.image_path))
+        size = aspect_preserving_size(self.aspect_side or 0, median)
+        logger.info(
+            "FCDD: keeping the training images' aspect ratio (median width/height %.3f): image_size %d x %d.",
+            median,
+            *size,
+        )
+        if high / low > ASPECT_SPREAD_WARNING:
+            logger.warning(
+                "FCDD: the training images' aspect ratios range from %.3f to %.3f; each is resized to %d x %d, so "
+                "the ones far from the median are stretched.",
+                low,
+                high,
+                *size,
+            )
+        return size
+
+    def resize_to(self, size: tuple[int, int]) -> None:
+        """Use ``size`` as the network input (and its 240/224-scaled training size); the size is then settled."""
+        self.transform = Resize(size, interpolation=InterpolationMode.NEAREST)
+        self.export_transform = get_exportable_transform(self.transform)
+        self.train_size = training_size(size)
+        self.train_transform = Resize(self.train_size, interpolation=InterpolationMode.NEAREST)
+        self.aspect_side = None
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Batch, batch_idx: int) -> None:
         """Resize training images and masks to ``train_size``."""
@@ -290,10 +391,11 @@ class FcddPreProcessor(PreProcessor):
         return {**super().checkpoint_config(), "train_size": list(self.train_size)}
 
     def load_checkpoint_config(self, config: dict[str, Any]) -> None:
-        """Restore both transforms."""
+        """Restore both transforms; a restored size is settled (a checkpoint keeps the size it was trained at)."""
         super().load_checkpoint_config(config)
         self.train_size = as_height_width(config.get("train_size", self.train_size))
         self.train_transform = Resize(self.train_size, interpolation=InterpolationMode.NEAREST)
+        self.aspect_side = None
 
 
 def _swap_resize(augmentations: Any, model_resize: Any, train_resize: Resize) -> Any:
