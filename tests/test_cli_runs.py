@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from anomalib_fcdd import FcddHsc
-from anomalib_fcdd.checkpoints import CheckpointError, check_checkpoint
-from anomalib_fcdd.cli import main
+from anomalib_fcdd.checkpoints import CheckpointError, check_checkpoint, options_from_checkpoint
+from anomalib_fcdd.cli import init_defaults, main
 from anomalib_fcdd.runs import FAILED_MARK, INTERRUPTED_MARK, RunFolder, RunWatch, repair_latest
 
 LITE = [
@@ -181,13 +182,48 @@ def test_a_checkpoint_of_another_backbone_names_it(
     trained: dict[str, Any], synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     results = tmp_path / "results"
-    vgg = ["--model", "fcdd_hsc", "--model.pre_trained", "false", "--model.image_size", "64"]
+    resnet = ["--model", "fcdd_hsc", "--model.backbone", "resnet18", "--model.pre_trained", "false"]
     message = error_of(
-        run_args("test", synthetic_root, results, "--ckpt_path", str(trained["ckpt"]), model=vgg), capsys
+        run_args("test", synthetic_root, results, "--ckpt_path", str(trained["ckpt"]), model=resnet), capsys
     )
-    assert "this checkpoint was trained with efficientnet_lite0, not vgg11_bn" in message
+    assert "this checkpoint was trained with efficientnet_lite0, not resnet18" in message
     assert message.endswith("pass --model.backbone efficientnet_lite0.")
     assert not results.exists()
+
+
+def test_a_checkpoint_supplies_the_options_it_was_trained_with(
+    trained: dict[str, Any], synthetic_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``test --ckpt_path`` with no model option: backbone, input size and the rest come from the checkpoint, so the
+    default VGG-11-BN is never built (nor logged as waiting for its weights)."""
+    caplog.set_level("INFO")
+    main(run_args("test", synthetic_root, tmp_path, "--ckpt_path", str(trained["ckpt"]), model=["--model", "fcdd_hsc"]))
+    assert "options as trained, from the checkpoint: backbone=efficientnet_lite0" in caplog.text
+    assert "image_size=64" in caplog.text
+    assert "vgg11_bn" not in caplog.text.replace("backbone=efficientnet_lite0", "")
+    assert json.loads((category(tmp_path) / "latest" / "metrics.json").read_text())["pixel_AUROC"] >= 0.0
+
+
+def test_only_options_left_at_their_defaults_are_taken_from_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "model.ckpt"
+    saved = {"backbone": "efficientnet_lite0", "head": "mlp", "lr": 0.5, "image_size": [64, 96], "other": 1}
+    torch.save({"state_dict": {}, "hyper_parameters": saved}, path)
+    options = {"backbone": "vgg11_bn", "head": None, "lr": 0.1, "image_size": 224}
+    defaults = {"backbone": "vgg11_bn", "head": None, "lr": None, "image_size": 224}
+    assert options_from_checkpoint(path, options, defaults) == {
+        "backbone": "efficientnet_lite0",
+        "head": "mlp",
+        "image_size": [64, 96],
+    }  # lr was typed by the user; "other" is no option of the model
+
+
+def test_init_defaults_take_the_subclasss_changes() -> None:
+    from anomalib_fcdd import Fcdd
+
+    defaults = init_defaults(Fcdd)
+    assert defaults["loss"] == "fcdd" and defaults["confetti_smoothing"] is True
+    assert defaults["backbone"] == "vgg11_bn" and defaults["image_size"] == 224
+    assert init_defaults(FcddHsc)["loss"] == "pixel_balanced"
 
 
 def test_a_missing_or_truncated_checkpoint_is_one_line(

@@ -1,8 +1,10 @@
 """Checks of ``--ckpt_path`` before a run, so that a wrong checkpoint is one line instead of a traceback.
 
 Lightning reports a missing file with a traceback, a truncated one with ``OSError: [Errno 22] Invalid argument``,
-and a checkpoint of another backbone with 148 lines of mismatched state-dict keys. The checkpoint is read here once
-with ``weights_only=True`` (no code runs) and its saved ``hyper_parameters['backbone']`` compared with the model's.
+and a checkpoint of another backbone with 148 lines of mismatched state-dict keys. The checkpoint is read here with
+``weights_only=True`` (no code runs): options the user left at their defaults are taken from its saved
+``hyper_parameters`` (:func:`options_from_checkpoint`), so ``test``/``export`` need no training option typed again,
+and a backbone the user did set is compared with the checkpoint's (:func:`check_checkpoint`).
 """
 
 from __future__ import annotations
@@ -73,3 +75,23 @@ def check_checkpoint(path: str | Path, backbone: str | None) -> None:
             f"--ckpt_path {Path(path).expanduser()}: this checkpoint was trained with {trained}, not {backbone}; "
             f"pass --model.backbone {trained}."
         )
+
+
+def options_from_checkpoint(
+    path: str | Path, options: dict[str, Any], defaults: dict[str, Any]
+) -> dict[str, Any]:
+    """The checkpoint's saved value of every option in ``options`` that is still at its value in ``defaults`` and was
+    trained with another value (so a network is rebuilt as it was trained, e.g. its backbone, head and input size).
+
+    Raises:
+        CheckpointError: the file is missing or unreadable.
+    """
+    loaded = read_checkpoint(path)
+    saved = loaded.get("hyper_parameters") if loaded is not None else None
+    if not isinstance(saved, dict):
+        return {}
+    return {
+        name: value
+        for name, value in saved.items()
+        if name in options and name in defaults and options[name] == defaults[name] and value != options[name]
+    }

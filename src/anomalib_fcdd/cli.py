@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import inspect
 import logging
 import os
 import sys
@@ -122,6 +123,9 @@ def _fcdd_cli() -> type:
             super().before_instantiate_classes()
             model = self._get(self.config, "model")
             if _is_fcdd(getattr(model, "class_path", None)):
+                checkpoint = self._get(self.config, "ckpt_path")
+                if checkpoint and model.init_args is not None:
+                    _adopt_checkpoint_options(model, checkpoint)
                 check_options(dict(vars(model.init_args)) if model.init_args is not None else {})
                 _refuse_overridden_trainer_flags(self._get(self.config, "trainer"))
 
@@ -211,6 +215,37 @@ def _refuse_overridden_trainer_flags(trainer: Any) -> None:
     for flag, instead in _MODEL_OWNED_TRAINER_FLAGS.items():
         if trainer is not None and getattr(trainer, flag, None) is not None:
             raise UsageError(f"--trainer.{flag} is set by the FCDD model, which would override yours; use {instead}.")
+
+
+def _adopt_checkpoint_options(model: Any, checkpoint: str) -> None:
+    """Rebuild the network as it was trained: options left at their defaults take the checkpoint's values (logged)."""
+    import importlib
+
+    from .checkpoints import options_from_checkpoint
+
+    module, _, name = model.class_path.rpartition(".")
+    defaults = init_defaults(getattr(importlib.import_module(module), name))
+    adopted = options_from_checkpoint(checkpoint, dict(vars(model.init_args)), defaults)
+    for option, value in adopted.items():
+        setattr(model.init_args, option, value)
+    if adopted:
+        logging.getLogger(__name__).info(
+            "FCDD: options as trained, from the checkpoint: %s.",
+            ", ".join(f"{option}={value}" for option, value in adopted.items()),
+        )
+
+
+def init_defaults(cls: type) -> dict[str, Any]:
+    """Default of every ``__init__`` argument of ``cls``, the subclass's where it changes one (``Fcdd``)."""
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for parameter in inspect.signature(init).parameters.values():
+            if parameter.default is not inspect.Parameter.empty:
+                defaults[parameter.name] = parameter.default
+    return defaults
 
 
 def _is_fcdd(class_path: str | None) -> bool:
