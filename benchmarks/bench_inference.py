@@ -8,9 +8,9 @@ normalisation and thresholds) on the same 224 x 224 RGB input images, at batch 1
   and INT8_PTQ (nncf post-training quantisation calibrated on training images). The FP32 IR is run with
   ``INFERENCE_PRECISION_HINT=f32`` and, where the CPU default differs (bf16 on AMX/avx512_bf16 CPUs), at the default.
 
-Models (``--models``): FCDD (``FcddHsc``) on the paper's VGG-11-BN and on EfficientNet-Lite0, and PaDiM and PatchCore
-built by ``anomalib_fcdd.baselines`` (EfficientNet-Lite0 with offline ImageNet weights), all with a 224 x 224 network
-input. FCDD's weights do not change its speed, so it is fitted for one pass on 8 images (enough for thresholds);
+Models (``--models``): FCDD (``FcddHsc``) on the paper's VGG-11-BN, on EfficientNet-Lite0 and on the default
+multi-scale EfficientNet-Lite0, and PaDiM and PatchCore built by ``anomalib_fcdd.baselines`` (EfficientNet-Lite0 with
+offline ImageNet weights), all with a 224 x 224 network input. FCDD's weights do not change its speed, so it is fitted for one pass on 8 images (enough for thresholds);
 PaDiM and PatchCore are fitted on ``--train-images`` training images, because PatchCore's memory bank -- and so its
 speed and size -- grows with them. Results go to ``benchmarks/README.md`` (section "Inference"; ``--json`` also
 writes the raw numbers).
@@ -43,7 +43,13 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "benchmarks" / "README.md"
 SECTION = "## Inference"
 OV_VARIANTS = ("openvino_fp32", "openvino_fp16", "openvino_int8", "openvino_int8_ptq")
-DEFAULT_MODELS = ("fcdd_vgg11_bn", "fcdd_efficientnet_lite0", "padim", "patchcore")
+DEFAULT_MODELS = (
+    "fcdd_vgg11_bn",
+    "fcdd_efficientnet_lite0",
+    "fcdd_efficientnet_lite0_multiscale",
+    "padim",
+    "patchcore",
+)
 #: Models whose anomalib export has a fixed batch dimension (see :func:`export_openvino`).
 STATIC_BATCH_MODELS = {"patchcore", "patchcore_wrn50"}
 ARGS = argparse.Namespace(
@@ -126,8 +132,9 @@ def build_model(name: str, input_size: int) -> Any:
 
     if name == "fcdd_vgg11_bn":
         return FcddHsc(backbone="vgg11_bn", pre_trained=False, image_size=input_size, epochs=1, passes_per_epoch=1)
-    if name == "fcdd_efficientnet_lite0":
-        return FcddHsc(backbone="efficientnet_lite0", image_size=input_size, epochs=1, passes_per_epoch=1)
+    if name in {"fcdd_efficientnet_lite0", "fcdd_efficientnet_lite0_multiscale"}:
+        backbone = name.removeprefix("fcdd_")
+        return FcddHsc(backbone=backbone, image_size=input_size, epochs=1, passes_per_epoch=1)
     if name in {"padim", "patchcore"}:
         return build_baseline(name, image_size=input_size)
     if name == "patchcore_wrn50":  # anomalib's default backbone; random weights (timing only, no offline weights)
@@ -374,7 +381,7 @@ def default_ov_precision() -> str:
 
 def precision_notes() -> list[str]:
     """What this CPU does by default: OpenVINO's inference precision and whether torch's bf16 is native."""
-    from anomalib_fcdd.models.fcdd.performance import cpu_has_native_bf16
+    from anomalib_fcdd.models.fcdd.acceleration import cpu_has_native_bf16
 
     default = ARGS.ov_default_precision
     native = cpu_has_native_bf16()

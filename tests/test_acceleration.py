@@ -195,7 +195,7 @@ def test_nothing_to_fold_gives_none() -> None:
 
 
 def test_folded_backbone_is_used_only_at_inference_and_forgotten_when_weights_change() -> None:
-    model = FcddModel(pre_trained=False, minmax="bottle").eval()
+    model = FcddModel(backbone="vgg11_bn", pre_trained=False, minmax="bottle").eval()
     with torch.no_grad():
         folded = model.acceleration.backbone(model.features, training=False)
         assert folded is not model.features
@@ -213,8 +213,8 @@ def test_folded_backbone_is_used_only_at_inference_and_forgotten_when_weights_ch
 
 def test_accelerated_and_plain_models_give_the_same_maps_after_training_steps() -> None:
     torch.manual_seed(0)
-    fast = FcddModel(pre_trained=False, minmax="bottle", accelerate=True)
-    plain = FcddModel(pre_trained=False, minmax="bottle", accelerate=False)
+    fast = FcddModel(backbone="vgg11_bn", pre_trained=False, minmax="bottle", accelerate=True)
+    plain = FcddModel(backbone="vgg11_bn", pre_trained=False, minmax="bottle", accelerate=False)
     plain.load_state_dict(fast.state_dict())
     images = torch.rand(2, 3, 64, 64)
     for model in (fast, plain):

@@ -222,7 +222,7 @@ def test_init_defaults_take_the_subclasss_changes() -> None:
 
     defaults = init_defaults(Fcdd)
     assert defaults["loss"] == "fcdd" and defaults["confetti_smoothing"] is True
-    assert defaults["backbone"] == "vgg11_bn" and defaults["image_size"] == 224
+    assert defaults["backbone"] == "efficientnet_lite0_multiscale" and defaults["image_size"] == 224
     assert init_defaults(FcddHsc)["loss"] == "pixel_balanced"
 
 

@@ -468,8 +468,10 @@ def test_predict_reports_missing_model(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     image = tmp_path / "x.png"
     Image.new("RGB", (8, 8)).save(image)
-    code = predict_module.main(["--model-dir", str(tmp_path / "empty"), "--input", str(image), "--output", "o"])
+    output = tmp_path / "predictions"
+    code = predict_module.main(["--model-dir", str(tmp_path / "empty"), "--input", str(image), "--output", str(output)])
     assert code == 2
+    assert not output.exists(), "a run that cannot start leaves no output folder behind"
 
 
 def test_predict_refuses_a_file_as_output_folder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -539,16 +541,16 @@ def test_keep_aspect_ratio_trains_checkpoints_and_exports_at_the_datas_ratio(tmp
             image.resize((72, 48), Image.Resampling.NEAREST).save(path)
     seed_everything(0, workers=True)
     datamodule = MVTec(root=root.parent, category="wide", train_batch_size=8, eval_batch_size=8, num_workers=0)
-    model = FcddHsc(
-        backbone="efficientnet_lite0", image_size=48, keep_aspect_ratio=True, epochs=1, passes_per_epoch=1
-    )
+    model = FcddHsc(backbone="efficientnet_lite0", image_size=48, keep_aspect_ratio=True, epochs=1, passes_per_epoch=1)
     engine = Engine(default_root_dir=tmp_path, logger=False, accelerator="cpu", enable_progress_bar=False)
     engine.fit(model, datamodule=datamodule)
     assert model.image_size == (48, 72) and model.augmentation.size == (48, 72)
     assert model.pre_processor.train_size == (51, 77)  # 48 * 240/224 = 51.4, 72 * 240/224 = 77.1
     predictions = engine.predict(model, dataloaders=datamodule.test_dataloader())
     assert predictions[0].anomaly_map.shape[-2:] == (48, 72)
-    checkpoint = engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    checkpoint = (
+        engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    )
     restored = FcddHsc.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
     assert restored.image_size == (48, 72) and restored.pre_processor.aspect_side is None
     images = np.random.default_rng(5).random((1, 60, 60, 3), dtype=np.float32)  # a square image is resized to 48 x 72

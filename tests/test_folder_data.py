@@ -6,7 +6,9 @@ skips when ``../shared/data/magnetic_tile`` is absent.
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from anomalib_fcdd.cli import main
 from anomalib_fcdd.data import DatasetError, Folder, FolderFewAnomalies, MVTec, make_synthetic_mvtec
 from anomalib_fcdd.data import base as base_module
 
@@ -238,3 +241,31 @@ def test_magnetic_tile_as_a_users_folders(tmp_path: Path, jpeg: bool) -> None:
     item = dm.test_data[len(dm.test_data) - 1]
     with Image.open(item.image_path) as image:
         assert tuple(item.image.shape) == (3, image.height, image.width), "grayscale arrives as RGB, uncropped"
+
+
+def _readme_commands(data_class: str) -> list[list[str]]:
+    """The README's ``anomalib-fcdd train`` commands that use ``data_class``, split as a shell would split them."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in readme.splitlines() if line.strip().startswith("anomalib-fcdd train")]
+    return [shlex.split(line)[1:] for line in lines if f"--data {data_class} " in line]
+
+
+@pytest.mark.parametrize("data_class", ["anomalib_fcdd.data.Folder", "anomalib_fcdd.data.FolderFewAnomalies"])
+def test_readme_magnetic_tile_commands_run_as_typed(
+    data_class: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's own-data commands, word for word, on Magnetic-Tile laid out as ``tiles/`` (4 JPEGs per folder);
+    only the budget, size and workers are added so that the run takes seconds."""
+    if not MAGNETIC_TILE.is_dir():
+        pytest.skip(f"{MAGNETIC_TILE} is not here")
+    (command,) = _readme_commands(data_class)
+    tiles = tmp_path / "tiles"
+    _magnetic_tile_as_user_folders(tiles, jpeg=True)
+    (tiles / "normal").rename(tiles / "good")  # the README's names for the normal folders
+    (tiles / "normal_test").rename(tiles / "good_test")
+    monkeypatch.chdir(tmp_path)
+    quick = ["--model.image_size", "64", "--model.epochs", "1", "--model.passes_per_epoch", "1"]
+    main([*command, *quick, "--data.num_workers", "0", "--trainer.accelerator", "cpu"])
+    runs = list((tmp_path / "results" / "FcddHsc").rglob("latest/metrics.json"))
+    assert len(runs) == 1, "one finished run under results/"
+    assert 0.0 <= json.loads(runs[0].read_text())["pixel_AUROC"] <= 1.0

@@ -11,7 +11,7 @@ from anomalib_fcdd import Fcdd, FcddHsc
 
 
 def test_vgg_freezing_matches_the_paper() -> None:
-    model = FcddHsc(pre_trained=False)
+    model = FcddHsc(backbone="vgg11_bn", pre_trained=False)
     features = model.model.features
     assert all(not p.requires_grad for p in features[:15].parameters())
     assert all(p.requires_grad for p in features[15:].parameters())
@@ -20,7 +20,7 @@ def test_vgg_freezing_matches_the_paper() -> None:
 
 @pytest.mark.parametrize("train_mode", [True, False])
 def test_frozen_batchnorm_mode(train_mode: bool) -> None:
-    model = FcddHsc(pre_trained=False, frozen_bn_train_mode=train_mode, minmax="bottle").model
+    model = FcddHsc(backbone="vgg11_bn", pre_trained=False, frozen_bn_train_mode=train_mode, minmax="bottle").model
     model.train()
     frozen_bn = model.features[1]
     assert isinstance(frozen_bn, nn.BatchNorm2d)
@@ -32,7 +32,7 @@ def test_frozen_batchnorm_mode(train_mode: bool) -> None:
 
 
 def test_optimizer_and_per_paper_epoch_decay() -> None:
-    model = FcddHsc(pre_trained=False, passes_per_epoch=10, lr=1e-3, lr_decay=0.985)
+    model = FcddHsc(backbone="vgg11_bn", pre_trained=False, passes_per_epoch=10, lr=1e-3, lr_decay=0.985)
     config = model.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     group = optimizer.param_groups[0]
@@ -51,7 +51,9 @@ def test_optimizer_and_per_paper_epoch_decay() -> None:
 
 
 def test_trainer_arguments_convert_paper_epochs() -> None:
-    arguments = FcddHsc(pre_trained=False, epochs=50, passes_per_epoch=10, precision="32-true").trainer_arguments
+    arguments = FcddHsc(
+        backbone="vgg11_bn", pre_trained=False, epochs=50, passes_per_epoch=10, precision="32-true"
+    ).trainer_arguments
     assert arguments["max_epochs"] == 500 and arguments["check_val_every_n_epoch"] == 10
     assert arguments["precision"] == "32-true" and arguments["num_sanity_val_steps"] == 0
 
@@ -135,7 +137,7 @@ def test_confetti_used_for_normal_batches() -> None:
 
 
 def test_eval_output_contract() -> None:
-    model = FcddHsc(pre_trained=False, minmax="bottle").model.eval()
+    model = FcddHsc(backbone="vgg11_bn", pre_trained=False, minmax="bottle").model.eval()
     images = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         output = model(images)
@@ -147,7 +149,7 @@ def test_eval_output_contract() -> None:
 
 
 def test_wrong_channel_count_is_explained() -> None:
-    model = FcddHsc(pre_trained=False, minmax="bottle").model.eval()
+    model = FcddHsc(backbone="vgg11_bn", pre_trained=False, minmax="bottle").model.eval()
     with pytest.raises(ValueError, match="Convert grayscale or RGBA"):
         model(torch.rand(1, 1, 64, 64))
 

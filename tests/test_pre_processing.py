@@ -178,7 +178,7 @@ def test_median_aspect_ratio_reads_upright_headers(tmp_path) -> None:
 
 
 def test_keep_aspect_ratio_takes_one_side() -> None:
-    with pytest.raises(ConfigurationError, match="keep_aspect_ratio takes --model.image_size as one side"):
+    with pytest.raises(ConfigurationError, match=r"keep_aspect_ratio takes --model\.image_size as one side"):
         FcddPreProcessor(image_size=(64, 96), keep_aspect_ratio=True)
     assert FcddPreProcessor(image_size=64, keep_aspect_ratio=True).aspect_side == 64
     assert FcddPreProcessor(image_size=64).aspect_side is None

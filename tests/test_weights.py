@@ -24,7 +24,7 @@ def vgg_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_weights_path_loads_a_full_vgg_state_dict(vgg_file: Path) -> None:
     expected = torch.load(vgg_file, weights_only=True)
-    model = FcddHsc(weights_path=str(vgg_file))
+    model = FcddHsc(backbone="vgg11_bn", weights_path=str(vgg_file))
     torch.testing.assert_close(model.model.features[0].weight, expected["features.0.weight"], rtol=0, atol=0)
     torch.testing.assert_close(
         model.model.features[19].running_var, expected["features.19.running_var"], rtol=0, atol=0
@@ -67,11 +67,11 @@ def test_wrong_architecture_names_missing_tensors(tmp_path: Path) -> None:
     other = tmp_path / "other.pth"
     torch.save({"conv.weight": torch.zeros(3)}, other)
     with pytest.raises(WeightsError, match="does not fit the backbone"):
-        FcddHsc(weights_path=str(other))
+        FcddHsc(backbone="vgg11_bn", weights_path=str(other))
 
 
 def test_offline_without_cache_names_file_and_remedies(offline_imagenet: Path) -> None:
-    model = FcddHsc(pre_trained=True)  # built (a checkpoint could still supply the weights) ...
+    model = FcddHsc(backbone="vgg11_bn", pre_trained=True)  # built (a checkpoint could still supply the weights) ...
     with pytest.raises(WeightsError) as error:  # ... but never run on random weights
         model.eval()(torch.rand(1, 3, 64, 64))
     message = str(error.value)

@@ -77,9 +77,7 @@ def check_checkpoint(path: str | Path, backbone: str | None) -> None:
         )
 
 
-def options_from_checkpoint(
-    path: str | Path, options: dict[str, Any], defaults: dict[str, Any]
-) -> dict[str, Any]:
+def options_from_checkpoint(path: str | Path, options: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint's saved value of every option in ``options`` that is still at its value in ``defaults`` and was
     trained with another value (so a network is rebuilt as it was trained, e.g. its backbone, head and input size).
 

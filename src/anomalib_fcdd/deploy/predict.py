@@ -63,7 +63,8 @@ class PredictError(UserInputError, RuntimeError):
 
 
 def prepare_output(output: Path) -> None:
-    """Create ``output``/overlays now, so a path under a file or an unwritable place is one error before any work."""
+    """Create ``output``/overlays before the first image, so a path under a file or an unwritable place is one error
+    before any work."""
     if output.exists() and not output.is_dir():
         raise PredictError(f"--output {output} is a file; give a folder (it is created if missing).")
     try:
@@ -453,11 +454,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = _rich_console()
     with _console_logging(console):
         try:
-            prepare_output(output)
             model_file = find_model_file(args.model_dir)
             files = collect_inputs(args.input, exclude=output)
             if not files:
                 raise PredictError(f"No files found in {args.input}.")
+            prepare_output(output)  # after the checks above, so a run that cannot start creates no folder
             cache_dir = None if args.cache_dir.lower() == "none" else Path(args.cache_dir)
             inferencer = load_inferencer(model_file, args.device, args.precision, cache_dir)
         except PredictError as error:

@@ -128,9 +128,9 @@ class FcddHsc(AnomalibModule):
     """FCDD with the paper's pixel-wise, class-balanced hypersphere loss (eq. 5) by default.
 
     Args:
-        backbone: feature extractor: ``vgg11_bn`` (the paper's), ``resnet18``, ``wide_resnet50_2`` or
-            ``efficientnet_lite0`` (ImageNet weights ship with a pip package, so it works offline); see
-            ``docs/backbones.md``.
+        backbone: feature extractor: ``efficientnet_lite0_multiscale`` (default: the most accurate one measured whose
+            ImageNet weights ship with a pip package, so it works offline), ``efficientnet_lite0``, ``vgg11_bn``
+            (the paper's; ``configs/`` use it), ``resnet18`` or ``wide_resnet50_2``; see ``docs/backbones.md``.
         pre_trained: load ImageNet weights for the backbone (cache, download, or the offline package).
         weights_path: local backbone weight file (used whenever given).
         frozen_modules: leading backbone modules to freeze; ``None`` = the paper's choice (VGG: through the 3rd pool).
@@ -170,7 +170,7 @@ class FcddHsc(AnomalibModule):
 
     def __init__(
         self,
-        backbone: str = "vgg11_bn",
+        backbone: str = "efficientnet_lite0_multiscale",
         pre_trained: bool = True,
         weights_path: str | None = None,
         frozen_modules: int | None = None,

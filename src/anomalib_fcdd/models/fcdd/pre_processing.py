@@ -353,7 +353,7 @@ class FcddPreProcessor(PreProcessor):
             )
 
     def _measured_size(self, train_data: Any) -> tuple[int, int]:
-        """The ``keep_aspect_ratio`` size for ``train_data`` (an anomalib dataset), logged with what it was read from."""
+        """The ``keep_aspect_ratio`` size for ``train_data`` (an anomalib dataset), logged with its source."""
         samples = train_data.samples
         paths = list(samples.image_path[samples.label_index == 0]) if "label_index" in samples else []
         median, low, high = median_aspect_ratio(paths or list(samples.image_path))

@@ -105,7 +105,7 @@ class FcddModel(nn.Module):
 
     def __init__(
         self,
-        backbone: str = "vgg11_bn",
+        backbone: str = "efficientnet_lite0_multiscale",
         pre_trained: bool = True,
         weights_path: str | None = None,
         frozen_modules: int | None = None,
