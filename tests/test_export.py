@@ -264,9 +264,11 @@ def test_cli_export_short_name(trained: dict[str, Any], exported: dict[str, Path
 
 @pytest.fixture
 def imagenet_checkpoint(trained: dict[str, Any], tmp_path: Path) -> Path:
-    """The trained checkpoint as a VGG model trained from ImageNet weights records it: ``pre_trained=True``."""
+    """The trained checkpoint as a model trained from ImageNet weights records it: ``pre_trained=True`` (with the
+    input normalisation the model really used, which ``auto`` would otherwise choose from ``pre_trained``)."""
     checkpoint = torch.load(trained["ckpt"], map_location="cpu", weights_only=False)
     checkpoint["hyper_parameters"]["pre_trained"] = True
+    checkpoint["hyper_parameters"]["input_normalization"] = trained["model"].model.input_normalization
     path = tmp_path / "imagenet_trained.ckpt"
     torch.save(checkpoint, path)
     return path
@@ -283,7 +285,7 @@ def test_checkpoint_of_a_pretrained_model_restores_offline(
     np.testing.assert_array_equal(reference["anomaly_map"], again["anomaly_map"])
     np.testing.assert_array_equal(reference["pred_label"], again["pred_label"])
 
-    fresh = FcddHsc(pre_trained=True)  # offline: built, but must not run on random weights
+    fresh = FcddHsc(backbone="vgg11_bn", pre_trained=True)  # offline: built, but must not run on random weights
     with pytest.raises(WeightsError, match=r"(?s)vgg11_bn-6002323d\.pth.*none was loaded before it was used"):
         fresh.eval()(torch.rand(1, 3, 64, 64))
 
@@ -329,6 +331,11 @@ def test_export_all_variants(trained: dict[str, Any], tmp_path: Path) -> None:
         assert correlation > 0.9, f"{name}: heatmap correlation with FP32 only {correlation:.3f}"
 
 
+CONVOLUTIONS = {"Convolution", "GroupConvolution"}
+#: Operations that only move or pick values, which INT8 passes through unchanged.
+DATA_MOVEMENT = {"MaxPool", "Interpolate", "Concat"}
+
+
 def test_int8_ptq_quantises_only_the_convolutions(trained: dict[str, Any], tmp_path: Path) -> None:
     """FCDD's INT8_PTQ puts fake-quantisers in front of backbone/head convolutions only, never in front of the
     element-wise maths or the upsampler, and the result still tracks the float model."""
@@ -343,20 +350,22 @@ def test_int8_ptq_quantises_only_the_convolutions(trained: dict[str, Any], tmp_p
         if op.get_type_name() == "FakeQuantize":
             for output in op.outputs():
                 fed_by_quantiser |= {target.get_node().get_type_name() for target in output.get_target_inputs()}
-    convolutions = [op for op in graph.get_ordered_ops() if op.get_type_name() == "Convolution"]
+    convolutions = [op for op in graph.get_ordered_ops() if op.get_type_name() in CONVOLUTIONS]
     quantised = 0
     for convolution in convolutions:
         source = convolution.input_value(0).get_node()
-        if source.get_type_name() == "MaxPool":  # VGG: the quantiser sits before the pool
+        while source.get_type_name() in DATA_MOVEMENT:  # the quantiser sits before a pool, a resize or a concat
             source = source.input_value(0).get_node()
         quantised += source.get_type_name() == "FakeQuantize"
-    assert fed_by_quantiser <= {"Convolution", "MaxPool"}, fed_by_quantiser
+    assert fed_by_quantiser <= CONVOLUTIONS | DATA_MOVEMENT, fed_by_quantiser
     assert not fed_by_quantiser & set(FLOAT_OP_TYPES)
-    assert quantised == len(convolutions) == 7  # every VGG conv and the head run in INT8
+    assert quantised == len(convolutions) > 0, f"{quantised} of {len(convolutions)}"  # every convolution in INT8
     images = np.stack([load_rgb(path) for path in trained["parity"][:2]])
     reference = eager(trained["model"], images)["anomaly_map"].ravel()
     quantised = run_openvino(artefact.path, images)["anomaly_map"].ravel()
-    assert np.corrcoef(reference, quantised)[0, 1] > 0.9
+    # The module's model has a random multi-scale backbone trained for one pass (0.81 measured; a VGG-11-BN one gave
+    # above 0.9): the bound guards against a broken quantisation, benchmarks/export_accuracy.py measures real models.
+    assert np.corrcoef(reference, quantised)[0, 1] > 0.75
 
 
 # ---------------------------------------------------------------------------------------------------------------------

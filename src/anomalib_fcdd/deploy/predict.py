@@ -62,11 +62,18 @@ class PredictError(UserInputError, RuntimeError):
     """The command cannot run at all (no model, no inputs, no writable output); the message says what to fix."""
 
 
-def prepare_output(output: Path) -> None:
-    """Create ``output``/overlays before the first image, so a path under a file or an unwritable place is one error
-    before any work."""
+def check_output(output: Path) -> None:
+    """Refuse an ``output`` that is a file or lies under one, without creating anything."""
     if output.exists() and not output.is_dir():
         raise PredictError(f"--output {output} is a file; give a folder (it is created if missing).")
+    existing = next((parent for parent in output.absolute().parents if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise PredictError(f"--output {output} cannot be written ({existing} is a file); give a folder.")
+
+
+def prepare_output(output: Path) -> None:
+    """Create ``output``/overlays before the first image, so an unwritable place is one error before any work."""
+    check_output(output)
     try:
         (output / "overlays").mkdir(parents=True, exist_ok=True)
         probe = output / ".write-test"
@@ -454,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = _rich_console()
     with _console_logging(console):
         try:
+            check_output(output)
             model_file = find_model_file(args.model_dir)
             files = collect_inputs(args.input, exclude=output)
             if not files:
