@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             venv = clone / ".venv"
         else:
             venv = args.venv.resolve()
+            env["PYTHONPATH"] = str(clone / "src")  # the clone's code, even where the venv has another editable one
         env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
         outcomes = []
         for command in commands:
