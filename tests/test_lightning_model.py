@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from anomalib.data import ImageBatch
@@ -175,3 +178,38 @@ def test_mlp_head_maps_each_feature_vector_to_one_scalar() -> None:
     first, _, _, second = model.head
     assert (first.in_channels, first.out_channels, second.out_channels) == (40, 128, 1)
     assert first.kernel_size == second.kernel_size == (1, 1)
+
+
+def _documented_training_defaults() -> dict[str, dict[str, str]]:
+    """``docs/backbones.md``'s "Training defaults per backbone" table: backbone name -> column -> cell text."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "backbones.md").read_text()
+    table = text.split("### Training defaults per backbone", 1)[1].split("\n\n")[2]
+    header, _, *rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()]
+    documented = {}
+    for row in rows:
+        for name in re.findall(r"`(\w+)`", row[0]):
+            documented[name] = dict(zip(header, row, strict=True))
+    return documented
+
+
+def test_docs_table_of_training_defaults_matches_the_code() -> None:
+    """Every backbone is in the table of docs/backbones.md, with the optimiser, lr, budget, head and image score that
+    ``TRAINING_DEFAULTS`` gives it."""
+    from anomalib_fcdd.models.fcdd.backbones import BACKBONES, training_defaults
+
+    documented = _documented_training_defaults()
+    assert set(documented) == set(BACKBONES)
+    for name, row in documented.items():
+        defaults = training_defaults(name)
+        optimiser = {"sgd": "SGD (Nesterov)", "adam": "AdamW"}[defaults.optimizer]
+        documented_optimiser, documented_lr = re.match(r"(.+) ([\d.e-]+),", row["optimiser, lr"]).groups()
+        assert (documented_optimiser, float(documented_lr)) == (optimiser, defaults.lr), name
+        budget = (
+            f"{defaults.steps} steps"
+            if defaults.steps is not None
+            else f"{defaults.epochs} epochs × {defaults.passes_per_epoch} passes"
+        )
+        assert row["budget"].startswith(budget), (name, row["budget"])
+        assert row["head"].lower().startswith(defaults.head), (name, row["head"])
+        score = {"mean": "mean of the low-resolution map", "max": "max of the upsampled map"}[defaults.image_score]
+        assert row["image score"] == score, (name, row["image score"])
