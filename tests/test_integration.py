@@ -171,3 +171,40 @@ def test_training_images_are_decoded_at_240_and_test_images_at_224(trained: tupl
     _, _, datamodule, _ = trained
     assert list(datamodule.train_data.augmentations.size) == [240, 240]
     assert list(datamodule.test_data.augmentations.size) == [224, 224]
+
+
+def test_a_paper_epoch_shuffles_its_passes_together(synthetic_root: Path, tmp_path: Path) -> None:
+    """``epochs=2, passes_per_epoch=3`` on N images with batch 5: 2 trainer epochs of ceil(3N / 5) batches, every
+    image exactly 3 times per epoch, one validation per paper epoch, and the lr decayed once, after the first."""
+    from lightning.pytorch import Callback
+
+    seen: list[tuple[int, list[str], float]] = []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer: object, module: FcddHsc, batch: object, batch_idx: int) -> None:
+            rate = module.optimizers().param_groups[0]["lr"]
+            seen.append((module.current_epoch, list(batch.image_path), rate))
+
+    validations: list[int] = []
+
+    class CountValidations(Callback):
+        def on_validation_epoch_end(self, trainer: object, module: FcddHsc) -> None:
+            validations.append(module.current_epoch)
+
+    datamodule = MVTec(root=synthetic_root, category="synthetic", train_batch_size=5, eval_batch_size=8, num_workers=0)
+    model = FcddHsc(
+        backbone="efficientnet_lite0", pre_trained=False, image_size=32, epochs=2, passes_per_epoch=3, lr_decay=0.5
+    )
+    engine = Engine(
+        default_root_dir=tmp_path, logger=False, accelerator="cpu", enable_progress_bar=False,
+        callbacks=[Record(), CountValidations()],
+    )  # fmt: skip
+    engine.fit(model, datamodule=datamodule)
+    images = sorted(str(path) for path in (synthetic_root / "synthetic" / "train" / "good").iterdir())
+    batches_per_epoch = -(-3 * len(images) // 5)
+    assert len(seen) == 2 * batches_per_epoch
+    for epoch in (0, 1):
+        paths = [path for e, batch, _ in seen if e == epoch for path in batch]
+        assert sorted(paths) == sorted(images * 3)
+        assert {rate for e, _, rate in seen if e == epoch} == {model.lr * 0.5**epoch}
+    assert validations == [0, 1]

@@ -9,9 +9,11 @@ across epochs, since FCDD trains for hundreds of short passes.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 #: Most DataLoader workers used by default; more rarely pays off for small images and costs host memory.
 MAX_DEFAULT_WORKERS = 8
@@ -26,6 +28,24 @@ def default_num_workers() -> int:
     return max(1, min(MAX_DEFAULT_WORKERS, cores))
 
 
+class RepeatedPassesSampler(Sampler[int]):
+    """``passes`` passes over ``size`` items shuffled as one: a permutation of ``passes`` copies of the indices.
+
+    The reference FCDD code builds a paper epoch this way (the training set repeated 10 times, shuffled together and
+    cut into batches), so batches cross pass boundaries and only the epoch's last batch is partial. The permutation
+    comes from torch's global RNG, as ``RandomSampler``'s does, so ``seed_everything`` makes it reproducible.
+    """
+
+    def __init__(self, size: int, passes: int) -> None:
+        self.size, self.passes = size, passes
+
+    def __len__(self) -> int:
+        return self.size * self.passes
+
+    def __iter__(self) -> Iterator[int]:
+        yield from (torch.randperm(self.size * self.passes) % self.size).tolist()
+
+
 class CheckedDataModule:
     """Mixin: check the dataset once before use, and serve it with persistent workers.
 
@@ -35,6 +55,9 @@ class CheckedDataModule:
 
     validate: bool
     _validated: bool
+    #: Passes over the training set that one epoch of the training loader shuffles together (see
+    #: :class:`RepeatedPassesSampler`); FCDD sets it to its ``passes_per_epoch`` for a paper-epoch budget.
+    passes_per_loader: int = 1
     num_workers: int
     train_batch_size: int
     eval_batch_size: int
@@ -67,14 +90,21 @@ class CheckedDataModule:
         return self._loader(self.val_data, self.eval_batch_size, shuffle=False)
 
     def _training_loader(self, dataset: Dataset) -> DataLoader:
-        return self._loader(dataset, self.train_batch_size, shuffle=True)
+        """``passes_per_loader`` shuffled passes per epoch (one plain shuffled pass by default)."""
+        if self.passes_per_loader == 1:
+            return self._loader(dataset, self.train_batch_size, shuffle=True)
+        sampler = RepeatedPassesSampler(len(dataset), self.passes_per_loader)  # type: ignore[arg-type]
+        return self._loader(dataset, self.train_batch_size, shuffle=False, sampler=sampler)
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, batch_size: int, shuffle: bool, sampler: Sampler[int] | None = None
+    ) -> DataLoader:
         """A ``DataLoader`` whose workers persist across epochs (FCDD runs hundreds of short passes)."""
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=self.external_collate_fn or getattr(dataset, "collate_fn", self.train_data.collate_fn),

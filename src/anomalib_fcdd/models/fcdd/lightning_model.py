@@ -220,6 +220,9 @@ class FcddHsc(AnomalibModule):
         self.passes_per_epoch = _chosen(passes_per_epoch, defaults.passes_per_epoch)
         # A step budget (bounded time whatever the dataset's size) applies unless the user sets a pass budget.
         self.steps = defaults.steps if epochs is None and passes_per_epoch is None else None
+        #: Trainer epochs per paper epoch: ``passes_per_epoch``, or 1 where the datamodule shuffles the passes of a
+        #: paper epoch together (:meth:`_batch_paper_epochs`).
+        self.trainer_epochs_per_paper_epoch = self.passes_per_epoch
         self.precision = str(precision)
         self.model = FcddModel(
             backbone=backbone,
@@ -337,8 +340,8 @@ class FcddHsc(AnomalibModule):
                 nesterov=self.momentum > 0,
                 weight_decay=self.weight_decay,
             )
-        decay, passes = self.lr_decay, self.passes_per_epoch
-        scheduler = optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: decay ** (epoch // passes))
+        decay, per_paper_epoch = self.lr_decay, self.trainer_epochs_per_paper_epoch
+        scheduler = optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: decay ** (epoch // per_paper_epoch))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     @property
@@ -384,6 +387,8 @@ class FcddHsc(AnomalibModule):
         """
         super().setup(stage)
         self._adopt_input_size()
+        if stage == "fit" and self._trainer is not None:
+            self._batch_paper_epochs()
         if self.precision != "auto" or self._trainer is None:
             return
         strategy = self.trainer.strategy
@@ -395,6 +400,28 @@ class FcddHsc(AnomalibModule):
         if wanted != plugin.precision:
             strategy.precision_plugin = Precision() if wanted == "32-true" else MixedPrecision("bf16-mixed", device)
             logger.info("FCDD: precision 'auto' on %s is %s, not %s.", device, wanted, plugin.precision)
+
+    def _batch_paper_epochs(self) -> None:
+        """Make one trainer epoch one paper epoch, batched as the reference batches it, where the datamodule can.
+
+        The reference shuffles the ``passes_per_epoch`` passes of a paper epoch together and cuts them into batches
+        (of 128), so only the paper epoch's last batch is partial. This package's datamodules do the same
+        (``passes_per_loader``); the trainer then runs ``epochs`` epochs and validates after each. Other datamodules
+        keep ``epochs * passes_per_epoch`` separate passes. A step budget is unaffected.
+        """
+        datamodule = self.trainer.datamodule
+        if self.steps is not None or self.passes_per_epoch == 1 or not hasattr(datamodule, "passes_per_loader"):
+            return
+        datamodule.passes_per_loader = self.passes_per_epoch
+        self.trainer.fit_loop.max_epochs = self.epochs
+        self.trainer.check_val_every_n_epoch = 1
+        self.trainer_epochs_per_paper_epoch = 1
+        logger.info(
+            "FCDD: each of the %d paper epochs shuffles %d passes over the training set together (the reference's "
+            "batching).",
+            self.epochs,
+            self.passes_per_epoch,
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the pre-processor (anomalib) and take the input size it was trained at."""
