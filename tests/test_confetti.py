@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from anomalib_fcdd.models.fcdd import anomaly_generator
 from anomalib_fcdd.models.fcdd.anomaly_generator import (
     COLOURED_BLOBS,
     GRAY_BLOBS,
@@ -16,6 +17,8 @@ from anomalib_fcdd.models.fcdd.anomaly_generator import (
     ConfettiAnomalyGenerator,
     ConfettiNoise,
     _at_least_one_poisson,
+    patch_fill,
+    transformed_sources,
 )
 
 
@@ -136,3 +139,74 @@ def test_blob_counts_follow_zero_truncated_poisson(rate: float) -> None:
     assert counts.min() >= 1
     expected_mean = rate / (1 - math.exp(-rate))
     assert counts.float().mean().item() == pytest.approx(expected_mean, rel=0.03)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Patch fill: the blobs filled with another image's content
+# ---------------------------------------------------------------------------------------------------------------------
+def test_patch_fill_by_hand() -> None:
+    """Inside the blob a pixel takes the source's value if that changes it by >= 8 grey levels; only those pixels are
+    marked, and nothing else changes."""
+    images = torch.zeros(1, 3, 2, 3)
+    sources = torch.zeros(1, 3, 2, 3)
+    sources[0, :, 0, 0] = 100 / 255  # in the blob, changed: pasted and marked
+    sources[0, 1, 0, 1] = 4 / 255  # in the blob, 4 grey levels: neither pasted nor marked
+    sources[0, :, 1, 2] = 200 / 255  # outside the blob: ignored
+    blobs = torch.tensor([[[[True, True, False], [True, False, False]]]])
+    filled, mask = patch_fill(images, blobs, sources)
+    assert mask.tolist() == [[[[True, False, False], [False, False, False]]]]
+    expected = torch.zeros(1, 3, 2, 3)
+    expected[0, :, 0, 0] = 100 / 255
+    torch.testing.assert_close(filled, expected, rtol=0, atol=0)
+
+
+def test_transformed_sources_are_rigid_moves_of_batch_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the brightness change every output pixel is a pixel of one source image, and neighbouring output pixels
+    come from neighbouring source pixels (a flip, turn or shift; mirrored at the borders)."""
+    monkeypatch.setattr(anomaly_generator, "PATCH_BRIGHTNESS", 0.0)
+    side = 8
+    index = torch.arange(side * side, dtype=torch.float32).view(1, 1, side, side)
+    images = torch.cat([index, index + 1000]).expand(2, 3, side, side) / 4096  # two images, disjoint values
+    targets = torch.arange(40) % 2
+    moved = transformed_sources(images, targets, torch.Generator().manual_seed(3))
+    assert moved.shape == (40, 3, side, side)
+    codes = (moved[:, 0] * 4096).round().long()
+    for target, code in zip(targets.tolist(), codes, strict=True):
+        source = 1 - target  # never the target itself
+        assert bool((code >= 1000).all()) if source else bool((code < 1000).all()), "the other image, whole"
+        position = code - 1000 * source
+        rows, cols = position // side, position % side
+        steps = (rows[:, 1:] - rows[:, :-1]).abs() + (cols[:, 1:] - cols[:, :-1]).abs()
+        assert int(steps.max()) <= 1, "horizontal neighbours stay neighbours"
+    assert len({tuple(code.flatten().tolist()) for code in codes}) > 20, "the moves differ"
+
+
+def test_transformed_sources_keep_the_brightness_change_in_bounds() -> None:
+    images = torch.full((3, 3, 16, 16), 0.4)
+    moved = transformed_sources(images, torch.zeros(200, dtype=torch.long), torch.Generator().manual_seed(0))
+    factors = moved[:, 0, 0, 0] / 0.4
+    assert bool((moved == moved[:, :1, :1, :1]).all()), "a constant image stays constant"
+    assert 0.75 - 1e-6 <= float(factors.min()) < 0.8 and 1.2 < float(factors.max()) <= 1.25 + 1e-6
+
+
+def test_patch_confetti_marks_exactly_what_changed_and_leaves_the_rest() -> None:
+    levels = torch.tensor([0.1, 0.4, 0.7, 1.0]).view(4, 1, 1, 1)
+    images = (levels.expand(4, 3, 120, 120) * 255).round() / 255
+    generator = ConfettiAnomalyGenerator(probability=1.0, fill="patch")
+    out, masks, replaced = generator(images, torch.Generator().manual_seed(5))
+    assert bool(replaced.all()) and bool(masks.any(dim=(1, 2, 3)).all()), "every image got at least one patch"
+    change = (out - images).abs().amax(dim=1, keepdim=True)
+    assert bool((change[masks] >= 8 / 255 - 1e-6).all())
+    assert bool((change[~masks] == 0).all())
+
+
+def test_anomaly_fill_defaults_follow_the_backbone_and_fcdd_keeps_colour() -> None:
+    from anomalib_fcdd import Fcdd, FcddHsc
+    from anomalib_fcdd.errors import ConfigurationError
+
+    assert FcddHsc(pre_trained=False).anomaly_generator.fill == "patch"  # the multi-scale default backbone
+    assert FcddHsc(backbone="vgg11_bn", pre_trained=False).anomaly_generator.fill == "colour"  # the paper's
+    assert Fcdd(pre_trained=False).anomaly_generator.fill == "colour"  # the original FCDD, whatever the backbone
+    assert FcddHsc(pre_trained=False, anomaly_fill="colour").anomaly_generator.fill == "colour"
+    with pytest.raises(ConfigurationError, match="anomaly_fill"):
+        FcddHsc(pre_trained=False, anomaly_fill="paint")

@@ -213,3 +213,4 @@ def test_docs_table_of_training_defaults_matches_the_code() -> None:
         assert row["head"].lower().startswith(defaults.head), (name, row["head"])
         score = {"mean": "mean of the low-resolution map", "max": "max of the upsampled map"}[defaults.image_score]
         assert row["image score"] == score, (name, row["image score"])
+        assert row["anomaly fill"].startswith(defaults.anomaly_fill), (name, row["anomaly fill"])

@@ -14,6 +14,13 @@ mask is exactly the set of pixels where any channel changed. Optionally the nois
 Gaussian (sigma 5), as in the original FCDD configuration.
 
 Everything is computed with tensor operations over the batch; the only Python loop runs over blob slots (a handful).
+
+*Patch fill* (``fill="patch"``) keeps the blobs' shapes, counts, sizes and rotations but fills them with the content of
+another image of the batch -- flipped or turned, shifted and brightened or darkened by up to 25 % -- instead of a flat
+colour: anomalies that look like misplaced material rather than paint. A pixel counts as anomalous where the paste
+changed it by at least :data:`PATCH_MIN_CHANGE` (pasted background that equals the original is not labelled). It is
+not in the paper; measured on frozen multi-scale EfficientNet-Lite0 features it raised bottle's pixel AP from about
+0.55 to 0.70 and Magnetic-Tile's pixel AUROC from about 0.69 to 0.75 (``docs/backbones.md``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,12 @@ from torch.nn import functional as F  # noqa: N812
 
 #: Resolution at which the reference draws confetti; sizes and counts are defined there.
 REFERENCE_SIZE = 240
+#: ``fill`` choices: the paper's flat colours, or content pasted from another image of the batch.
+FILLS = ("colour", "patch")
+#: Smallest change (max over channels, in [0, 1]) that marks a pasted pixel as anomalous: 8 grey levels.
+PATCH_MIN_CHANGE = 8 / 255
+#: Pasted content is scaled by a factor drawn uniformly from [1 - this, 1 + this].
+PATCH_BRIGHTNESS = 0.25
 
 
 @dataclass(frozen=True)
@@ -193,6 +206,53 @@ def apply_noise(images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor
     return corrupted.div_(255).to(images.dtype), mask
 
 
+def check_fill(fill: str) -> str:
+    """``fill`` if it is one of :data:`FILLS`, else a ``ConfigurationError`` naming the option."""
+    if fill not in FILLS:
+        from ...errors import ConfigurationError
+
+        raise ConfigurationError(f"Unknown anomaly_fill {fill!r} (--model.anomaly_fill); use one of {FILLS}.")
+    return fill
+
+
+def transformed_sources(images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """For each index in ``targets``, another image of ``images`` (B x C x H x W; the same one only when B is 1),
+    flipped or turned, shifted and rescaled in brightness: the material :func:`patch_fill` pastes into that target.
+
+    The turn is one of the 8 symmetries of a square (the 4 of a rectangle for non-square images); the shift is uniform
+    in +-half the image per axis with mirrored borders; the brightness factor is uniform in
+    ``1 +- PATCH_BRIGHTNESS``. Nearest sampling, so the pasted pixels are pixels of the source.
+    """
+    batch, _, height, width = images.shape
+    count, device = len(targets), images.device
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, device=device, generator=generator)
+
+    offsets = 1 + (uniform(count) * (batch - 1)).floor().long().clamp_max(max(batch - 2, 0))
+    picked = images[(targets + offsets) % batch] if batch > 1 else images[targets]
+    turns = (uniform(count) * 4).floor() if height == width else (uniform(count) * 2).floor() * 2
+    cos, sin = torch.cos(turns * math.pi / 2).round(), torch.sin(turns * math.pi / 2).round()
+    flip = torch.where(uniform(count) < 0.5, -1.0, 1.0)
+    shift = uniform(count, 2) * 2 - 1
+    theta = torch.stack(
+        [torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1
+    )
+    grid = F.affine_grid(theta, [count, *images.shape[1:]], align_corners=False)
+    moved = F.grid_sample(picked, grid, mode="nearest", padding_mode="reflection", align_corners=False)
+    brightness = 1 + (uniform(count, 1, 1, 1) * 2 - 1) * PATCH_BRIGHTNESS
+    return (moved * brightness).clamp_(0, 1)
+
+
+def patch_fill(images: torch.Tensor, blobs: torch.Tensor, sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paste ``sources`` into ``images`` where ``blobs`` (B x 1 x H x W) is set; quantised to grey levels as
+    :func:`apply_noise` is. The mask holds the pixels that changed by at least :data:`PATCH_MIN_CHANGE`, and only
+    those pixels change."""
+    pasted = torch.round(torch.where(blobs, sources, images) * 255) / 255
+    mask = blobs & ((pasted - images).abs().amax(dim=1, keepdim=True) >= PATCH_MIN_CHANGE)
+    return torch.where(mask, pasted, images).to(images.dtype), mask
+
+
 class ConfettiAnomalyGenerator(nn.Module):
     """Replace each image of a batch by a confetti anomaly with probability ``probability``.
 
@@ -200,17 +260,26 @@ class ConfettiAnomalyGenerator(nn.Module):
         probability: chance that an image is replaced (0.5 in the reference).
         image_level_masks: label a replaced image as entirely anomalous (original FCDD ``malformed_normal``) instead
             of marking only the changed pixels (``malformed_normal_gt``, the paper's setting).
+        fill: ``colour`` (the paper's flat-coloured blobs) or ``patch`` (the blobs filled with another image of the
+            batch, :func:`patch_fill`); ``smooth`` applies to ``colour`` only.
         **confetti_kwargs: forwarded to :class:`ConfettiNoise`.
 
     Returns from ``forward``: ``(images, masks, replaced)`` with masks ``B x 1 x H x W`` (bool) and ``replaced`` (B,).
     """
 
-    def __init__(self, probability: float = 0.5, image_level_masks: bool = False, **confetti_kwargs: object) -> None:
+    def __init__(
+        self,
+        probability: float = 0.5,
+        image_level_masks: bool = False,
+        fill: str = "colour",
+        **confetti_kwargs: object,
+    ) -> None:
         super().__init__()
         if not 0.0 <= probability <= 1.0:
             raise ValueError(f"anomaly probability must be in [0, 1], got {probability}.")
         self.probability = probability
         self.image_level_masks = image_level_masks
+        self.fill = check_fill(fill)
         self.confetti = ConfettiNoise(**confetti_kwargs)  # type: ignore[arg-type]
 
     def forward(
@@ -231,7 +300,14 @@ class ConfettiAnomalyGenerator(nn.Module):
         masks = torch.zeros(batch, 1, *images.shape[-2:], dtype=torch.bool, device=images.device)
         if not bool(replaced.any()):
             return images, masks, replaced
-        corrupted, blob_masks = self.confetti(images[replaced], generator)
+        if self.fill == "patch":
+            chosen = images[replaced]
+            noise = sum(self.confetti.draw_noise(chosen, family, generator) for family in self.confetti.families)
+            blobs = (noise != 0).any(dim=1, keepdim=True)
+            sources = transformed_sources(images, replaced.nonzero().flatten(), generator)
+            corrupted, blob_masks = patch_fill(chosen, blobs, sources)
+        else:
+            corrupted, blob_masks = self.confetti(images[replaced], generator)
         images = images.clone()
         images[replaced] = corrupted
         masks[replaced] = torch.ones_like(blob_masks) if self.image_level_masks else blob_masks

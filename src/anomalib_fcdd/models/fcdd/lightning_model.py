@@ -36,7 +36,7 @@ from torchvision.transforms.v2 import InterpolationMode, Resize
 
 from ...errors import ConfigurationError
 from .acceleration import check_precision, resolve_precision
-from .anomaly_generator import ConfettiAnomalyGenerator
+from .anomaly_generator import ConfettiAnomalyGenerator, check_fill
 from .augmentation import FcddAugmentation
 from .backbones import check_backbone_name, training_defaults
 from .backbones.weights import existing_weight_file
@@ -89,6 +89,8 @@ def check_options(options: Mapping[str, Any]) -> None:
         check_head(options["head"])
     if options.get("image_score") is not None:
         check_image_score(options["image_score"])
+    if options.get("anomaly_fill") is not None:
+        check_fill(options["anomaly_fill"])
     for name, (allowed, wording) in NUMBER_RANGES.items():
         value = options.get(name)
         if value is not None and not allowed(value):
@@ -136,7 +138,9 @@ class FcddHsc(AnomalibModule):
         frozen_modules: leading backbone modules to freeze; ``None`` = the paper's choice (VGG: through the 3rd pool).
         loss: ``pixel_balanced`` (eq. 5), ``per_image`` (the paper's baseline as run) or ``fcdd`` (eq. 4).
         anomaly_probability: chance that a training image is replaced by an anomaly.
-        confetti_smoothing: blur confetti noise (25 x 25, sigma 5) as in the original FCDD.
+        confetti_smoothing: blur confetti noise (25 x 25, sigma 5) as in the original FCDD (``colour`` fill only).
+        anomaly_fill: what fills the confetti blobs: ``colour`` (the paper's flat colours) or ``patch`` (content of
+            another training image, shifted and turned; :mod:`.anomaly_generator`).
         image_level_masks: mark a whole synthetic-anomaly image as anomalous (original FCDD) instead of its pixels.
         gauss_std: sigma of the Gaussian receptive-field upsampler.
         minmax: ``auto`` (shipped constants for MVTec-AD categories, otherwise computed from the training images),
@@ -154,9 +158,10 @@ class FcddHsc(AnomalibModule):
         passes_per_epoch: passes over the training set per paper epoch (10 in the reference).
         frozen_bn_train_mode: keep frozen BatchNorm layers in train mode while training (reference behaviour).
 
-    ``optimizer``, ``lr``, ``lr_decay``, ``epochs``, ``passes_per_epoch``, ``frozen_bn_train_mode``, ``head`` and
-    ``image_score`` left unset take the backbone's measured defaults (``backbones.TRAINING_DEFAULTS``; the paper's
-    recipe for VGG-11-BN and the ResNets), so every backbone trains to its best accuracy in a bounded time.
+    ``optimizer``, ``lr``, ``lr_decay``, ``epochs``, ``passes_per_epoch``, ``frozen_bn_train_mode``, ``head``,
+    ``image_score`` and ``anomaly_fill`` left unset take the backbone's measured defaults
+    (``backbones.TRAINING_DEFAULTS``; the paper's recipe for VGG-11-BN and the ResNets), so every backbone trains to
+    its best accuracy in a bounded time.
         precision: Lightning precision; ``auto`` = ``bf16-mixed`` where bf16 is native (AMX/AVX512-BF16 CPUs, CUDA
             GPUs with bf16), else ``32-true``.
         accelerate: channels-last tensors and BatchNorm folded at inference (:mod:`.acceleration`); ``False`` runs
@@ -178,6 +183,7 @@ class FcddHsc(AnomalibModule):
         anomaly_probability: float = 0.5,
         confetti_smoothing: bool = False,
         image_level_masks: bool = False,
+        anomaly_fill: str | None = None,
         gauss_std: float = 12.0,
         minmax: str | list[float] | None = "auto",
         augment: bool = True,
@@ -239,7 +245,10 @@ class FcddHsc(AnomalibModule):
         )
         self.loss = FcddLoss(loss)
         self.anomaly_generator = ConfettiAnomalyGenerator(
-            probability=anomaly_probability, image_level_masks=image_level_masks, smooth=confetti_smoothing
+            probability=anomaly_probability,
+            image_level_masks=image_level_masks,
+            fill=_chosen(anomaly_fill, defaults.anomaly_fill),
+            smooth=confetti_smoothing,
         )
         self.augmentation = FcddAugmentation(size=self.image_size) if augment else None
         self.real_anomalies = False
@@ -477,17 +486,26 @@ class FcddHsc(AnomalibModule):
 
 
 class Fcdd(FcddHsc, AnomalibModule):
-    """FCDD in its original ICLR 2021 configuration: eq. (4), smoothed confetti, whole-image anomaly labels.
+    """FCDD in its original ICLR 2021 configuration: eq. (4), smoothed colour confetti, whole-image anomaly labels.
 
-    Takes every argument of :class:`FcddHsc`; only these three defaults differ. ``AnomalibModule`` is named as a
+    Takes every argument of :class:`FcddHsc`; only these four defaults differ. ``AnomalibModule`` is named as a
     direct base so that ``get_model("fcdd")`` finds the class.
     """
 
     def __init__(
-        self, loss: str = "fcdd", confetti_smoothing: bool = True, image_level_masks: bool = True, **kwargs: Any
+        self,
+        loss: str = "fcdd",
+        confetti_smoothing: bool = True,
+        image_level_masks: bool = True,
+        anomaly_fill: str = "colour",
+        **kwargs: Any,
     ) -> None:
         super().__init__(
-            loss=loss, confetti_smoothing=confetti_smoothing, image_level_masks=image_level_masks, **kwargs
+            loss=loss,
+            confetti_smoothing=confetti_smoothing,
+            image_level_masks=image_level_masks,
+            anomaly_fill=anomaly_fill,
+            **kwargs,
         )
 
 

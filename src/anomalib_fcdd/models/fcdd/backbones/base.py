@@ -54,6 +54,8 @@ class TrainingDefaults:
     head: str = "linear"
     image_score: str = "mean"
     frozen_bn_train_mode: bool = True
+    #: What fills the confetti blobs (``anomaly_generator.FILLS``): the paper's flat colours by default.
+    anomaly_fill: str = "colour"
     #: Optimiser steps as the budget instead of ``epochs x passes_per_epoch`` (bounded time whatever the data's size).
     steps: int | None = None
 
