@@ -343,10 +343,9 @@ class FcddPreProcessor(PreProcessor):
         if self.aspect_side is not None and subsets["train"] is not None:
             previous = self.transform
             self.resize_to(self._measured_size(subsets["train"]))
-            for dataset in (subsets["val"], subsets["test"]):
+            for dataset in subsets.values():
                 if dataset is not None:
                     dataset.augmentations = _swap_resize(dataset.augmentations, previous, self.transform)
-            subsets["train"].augmentations = _swap_resize(subsets["train"].augmentations, previous, self.transform)
         if subsets["train"] is not None:
             subsets["train"].augmentations = _swap_resize(
                 subsets["train"].augmentations, self.transform, self.train_transform
