@@ -200,13 +200,13 @@ def test_patch_confetti_marks_exactly_what_changed_and_leaves_the_rest() -> None
     assert bool((change[~masks] == 0).all())
 
 
-def test_anomaly_fill_defaults_follow_the_backbone_and_fcdd_keeps_colour() -> None:
+def test_anomaly_fill_is_colour_unless_asked_and_fcdd_keeps_colour() -> None:
     from anomalib_fcdd import Fcdd, FcddHsc
     from anomalib_fcdd.errors import ConfigurationError
 
-    assert FcddHsc(pre_trained=False).anomaly_generator.fill == "patch"  # the multi-scale default backbone
+    assert FcddHsc(pre_trained=False).anomaly_generator.fill == "colour"  # patch fill hurt stochastic textures
     assert FcddHsc(backbone="vgg11_bn", pre_trained=False).anomaly_generator.fill == "colour"  # the paper's
-    assert Fcdd(pre_trained=False).anomaly_generator.fill == "colour"  # the original FCDD, whatever the backbone
-    assert FcddHsc(pre_trained=False, anomaly_fill="colour").anomaly_generator.fill == "colour"
+    assert FcddHsc(pre_trained=False, anomaly_fill="patch").anomaly_generator.fill == "patch"
+    assert Fcdd(pre_trained=False, anomaly_fill="colour").anomaly_generator.fill == "colour"
     with pytest.raises(ConfigurationError, match="anomaly_fill"):
         FcddHsc(pre_trained=False, anomaly_fill="paint")

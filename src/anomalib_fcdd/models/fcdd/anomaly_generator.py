@@ -19,8 +19,10 @@ Everything is computed with tensor operations over the batch; the only Python lo
 another image of the batch -- flipped or turned, shifted and brightened or darkened by up to 25 % -- instead of a flat
 colour: anomalies that look like misplaced material rather than paint. A pixel counts as anomalous where the paste
 changed it by at least :data:`PATCH_MIN_CHANGE` (pasted background that equals the original is not labelled). It is
-not in the paper; measured on frozen multi-scale EfficientNet-Lite0 features it raised bottle's pixel AP from about
-0.55 to 0.70 and Magnetic-Tile's pixel AUROC from about 0.69 to 0.75 (``docs/backbones.md``).
+not in the paper, and not a default: on frozen multi-scale EfficientNet-Lite0 features it raised bottle's pixel AP from
+0.52 to 0.66 and Magnetic-Tile's pixel AUROC from 0.68 to 0.72, but on stochastic textures, where another patch of the
+same texture is no defect, it taught the model noise (grass 0.90 -> 0.66, gravel 0.94 -> 0.79;
+``benchmarks/results/offline/ANALYSIS.md``).
 """
 
 from __future__ import annotations
