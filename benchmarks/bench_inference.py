@@ -10,10 +10,10 @@ normalisation and thresholds) on the same 224 x 224 RGB input images, at batch 1
 
 Models (``--models``): FCDD (``FcddHsc``) on the paper's VGG-11-BN, on EfficientNet-Lite0 and on the default
 multi-scale EfficientNet-Lite0, and PaDiM and PatchCore built by ``anomalib_fcdd.baselines`` (EfficientNet-Lite0 with
-offline ImageNet weights), all with a 224 x 224 network input. FCDD's weights do not change its speed, so it is fitted for one pass on 8 images (enough for thresholds);
-PaDiM and PatchCore are fitted on ``--train-images`` training images, because PatchCore's memory bank -- and so its
-speed and size -- grows with them. Results go to ``benchmarks/README.md`` (section "Inference"; ``--json`` also
-writes the raw numbers).
+offline ImageNet weights), all with a 224 x 224 network input. FCDD's weights do not change its speed, so it is
+fitted for one pass on 8 images (enough for thresholds); PaDiM and PatchCore are fitted on ``--train-images`` training
+images, because PatchCore's memory bank -- and so its speed and size -- grows with them. Results go to
+``benchmarks/README.md`` (section "Inference"; ``--json`` also writes the raw numbers).
 
     .venv/bin/python benchmarks/bench_inference.py [--models ...] [--seconds 3] [--train-images 209]
 """
@@ -40,6 +40,8 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script (python benchmarks/...py): make the benchmarks package importable
+    sys.path.insert(0, str(REPO))
 README = REPO / "benchmarks" / "README.md"
 SECTION = "## Inference"
 OV_VARIANTS = ("openvino_fp32", "openvino_fp16", "openvino_int8", "openvino_int8_ptq")
@@ -75,8 +77,10 @@ class Row:
 # Data
 # ---------------------------------------------------------------------------------------------------------------------
 def default_mvtec_root() -> Path:
-    """``FCDD_MVTEC_ROOT`` or ``../shared/data/mvtec_ad`` next to the repository."""
-    return Path(os.environ.get("FCDD_MVTEC_ROOT", REPO.parent / "shared" / "data" / "mvtec_ad"))
+    """The benchmarks' MVTec-AD root without ``--mvtec-root`` (:func:`benchmarks.jobs.resolve_mvtec_root`)."""
+    from benchmarks.jobs import resolve_mvtec_root
+
+    return resolve_mvtec_root(None)
 
 
 def _resized_copy(source: Path, target: Path, size: int, nearest: bool = False) -> None:

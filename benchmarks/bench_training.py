@@ -39,6 +39,7 @@ from anomalib.data import ImageBatch
 
 from anomalib_fcdd import FcddHsc
 from anomalib_fcdd.models.fcdd.acceleration import native_bf16_cpu_flags, resolve_precision
+from benchmarks.jobs import resolve_mvtec_root
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "training.md"
@@ -270,8 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
-    default_root = os.environ.get("FCDD_MVTEC_ROOT", str(REPO.parent / "shared" / "data" / "mvtec_ad"))
-    parser.add_argument("--mvtec-root", type=Path, default=Path(default_root))
+    parser.add_argument("--mvtec-root", type=Path, default=resolve_mvtec_root(None))
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument(

@@ -31,7 +31,7 @@ PRECISIONS = ("32-true", "bf16-mixed")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--mvtec-root", type=Path, default=default_mvtec_root(), help="default: $FCDD_MVTEC_ROOT or ../shared/..."
+        "--mvtec-root", type=Path, default=default_mvtec_root(), help="default: $FCDD_MVTEC_ROOT, ./datasets/MVTecAD"
     )
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--backbone", default="efficientnet_lite0")
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     args = parse_args(argv)
     if not (args.mvtec_root / args.category / "train" / "good").is_dir():
-        print(f"No MVTec-AD category at {args.mvtec_root / args.category}; pass --mvtec-root.", file=sys.stderr)
+        print(f"error: no MVTec-AD category at {args.mvtec_root / args.category}; pass --mvtec-root.", file=sys.stderr)
         return 2
     from benchmarks.bench_training import append_section, machine
 

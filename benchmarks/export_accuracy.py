@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -31,6 +30,8 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script (python benchmarks/...py): make the benchmarks package importable
+    sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results" / "export_accuracy.md"
 VARIANTS = ("openvino_fp32", "openvino_fp16", "openvino_int8", "openvino_int8_ptq")
 
@@ -45,10 +46,16 @@ def default_backbone() -> tuple[str, bool]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from benchmarks.jobs import resolve_mvtec_root
+
     backbone, pre_trained = default_backbone()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    root = Path(os.environ.get("FCDD_MVTEC_ROOT", REPO.parent / "shared" / "data" / "mvtec_ad"))
-    parser.add_argument("--mvtec-root", type=Path, default=root, help="default: $FCDD_MVTEC_ROOT or ../shared/...")
+    parser.add_argument(
+        "--mvtec-root",
+        type=Path,
+        default=resolve_mvtec_root(None),
+        help="default: $FCDD_MVTEC_ROOT, ./datasets/MVTecAD",
+    )
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--backbone", default=backbone)
     parser.add_argument("--pre-trained", action=argparse.BooleanOptionalAction, default=pre_trained)
@@ -234,7 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore")
 
     if not (args.mvtec_root / args.category / "test").is_dir():
-        sys.exit(f"MVTec-AD {args.category} not found under {args.mvtec_root} (set FCDD_MVTEC_ROOT or --mvtec-root).")
+        sys.exit(
+            f"error: MVTec-AD {args.category} not found under {args.mvtec_root} (set FCDD_MVTEC_ROOT or --mvtec-root)."
+        )
     arguments = sys.argv[1:] if argv is None else argv
     command = " ".join([".venv/bin/python benchmarks/export_accuracy.py", *arguments])
     started = time.perf_counter()

@@ -17,6 +17,8 @@ logger = logging.getLogger("benchmarks.jobs")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_ROOT = REPO_ROOT / "benchmarks" / "results"
 DEFAULT_MVTEC_ROOT = REPO_ROOT.parent / "shared" / "data" / "mvtec_ad"
+#: Where the README's commands put MVTec-AD (relative to the working directory).
+README_MVTEC_ROOT = Path("datasets") / "MVTecAD"
 MVTEC_ROOT_ENV = "FCDD_MVTEC_ROOT"
 MVTEC_DATASET = "mvtec_ad"
 
@@ -121,11 +123,14 @@ def build_jobs(
 # Resolving data and backbones (with logged fall-backs, never silent ones)
 # ---------------------------------------------------------------------------------------------------------------------
 def resolve_mvtec_root(cli_value: str | None) -> Path:
-    """``--mvtec-root`` wins, then ``$FCDD_MVTEC_ROOT``, then ``../shared/data/mvtec_ad`` next to the repository."""
+    """``--mvtec-root`` wins, then ``$FCDD_MVTEC_ROOT``, then ``./datasets/MVTecAD`` (where the README puts it) if it
+    exists, then ``../shared/data/mvtec_ad`` next to the repository."""
     if cli_value:
         return Path(cli_value).expanduser()
     if os.environ.get(MVTEC_ROOT_ENV):
         return Path(os.environ[MVTEC_ROOT_ENV]).expanduser()
+    if README_MVTEC_ROOT.is_dir():
+        return README_MVTEC_ROOT
     return DEFAULT_MVTEC_ROOT
 
 

@@ -225,6 +225,19 @@ def print_plan(plan: Plan, store: ResultStore, devices: Sequence[str] = ()) -> N
     )
 
 
+def check_devices(devices: Sequence[str]) -> None:
+    """Stop with one line when ``--devices`` names GPUs this machine does not have (the runs would go to the CPU)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    missing = [device for device in devices if not device.isdigit() or int(device) >= count]
+    if missing:
+        raise SystemExit(
+            f"error: --devices {','.join(devices)}: this machine has {count} CUDA device(s), so {','.join(missing)} "
+            "cannot be used; drop --devices to run on the CPU."
+        )
+
+
 def launch_workers(devices: Sequence[str], argv: Sequence[str]) -> int:
     """One child process per device, pinned with ``CUDA_VISIBLE_DEVICES``; each takes every n-th job of the list.
 
@@ -272,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = make_plan(args, generate=not args.dry_run)
     store, failures = result_stores(plan.output)
     devices = [device.strip() for device in args.devices.split(",")] if args.devices else []
+    if devices and not args.dry_run:
+        check_devices(devices)
     if args.dry_run:
         print_plan(plan, store, devices)
         return 0

@@ -108,7 +108,19 @@ def test_mvtec_root_comes_from_flag_then_environment(monkeypatch: pytest.MonkeyP
     assert jobs.resolve_mvtec_root(None) == tmp_path / "env"
     assert jobs.resolve_mvtec_root(str(tmp_path / "flag")) == tmp_path / "flag"
     monkeypatch.delenv(jobs.MVTEC_ROOT_ENV)
+    monkeypatch.chdir(tmp_path)
     assert jobs.resolve_mvtec_root(None) == jobs.DEFAULT_MVTEC_ROOT
+    (tmp_path / "datasets" / "MVTecAD").mkdir(parents=True)  # where the README's commands put it
+    assert jobs.resolve_mvtec_root(None).resolve() == tmp_path / "datasets" / "MVTecAD"
+
+
+def test_devices_this_machine_lacks_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    run.check_devices(["0", "1"])
+    with pytest.raises(SystemExit, match=r"--devices 0,1,2,3: this machine has 2 CUDA device\(s\), so 2,3 cannot"):
+        run.check_devices(["0", "1", "2", "3"])
 
 
 def test_missing_roots_are_skipped_with_a_note(tmp_path: Path) -> None:
