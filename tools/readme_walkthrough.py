@@ -159,15 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--venv", type=Path, help="an environment set up by the README (default: set one up)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per command (default 900)")
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "readme_walkthrough.md")
-    parser.add_argument("--only", help="run only the commands containing this text")
+    parser.add_argument("--only", action="append", help="run only the commands containing this text (repeatable)")
     args = parser.parse_args(argv)
     if not (args.data_root / "mvtec_ad" / "bottle").is_dir() or not (args.data_root / "magnetic_tile").is_dir():
         parser.error(f"--data-root {args.data_root} needs mvtec_ad/bottle and magnetic_tile")
     readme = (REPO / "README.md").read_text()
     commands = readme_commands(readme)
     if args.only:
-        commands = [c for c in commands if args.only in c]
-    with tempfile.TemporaryDirectory(prefix="walkthrough-") as scratch:
+        commands = [c for c in commands if any(text in c for text in args.only)]
+    # a stopped command's DataLoader workers may still be writing while the folder is removed
+    with tempfile.TemporaryDirectory(prefix="walkthrough-", ignore_cleanup_errors=True) as scratch:
         clone = Path(scratch) / "anomalib-fcdd"
         subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
         lay_out_data(clone, args.data_root)
@@ -180,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             venv = args.venv.resolve()
             env["PYTHONPATH"] = str(clone / "src")  # the clone's code, even where the venv has another editable one
         env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-        outcomes = []
+        invocation = " ".join(["python tools/readme_walkthrough.py", *(argv if argv is not None else sys.argv[1:])])
+        outcomes: list[Outcome] = []
         for command in commands:
             reason = next((why for start, why in SKIPPED.items() if command.startswith(start)), None)
             if reason is not None:
@@ -189,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             outcome = run_one(command.replace(".venv/bin/", f"{venv}/bin/"), clone, env, args.timeout)
             outcomes.append(outcome)
             print(f"[{outcome.verdict}] {outcome.seconds:.0f} s  {command}\n    {outcome.last_line}", flush=True)
-        invocation = " ".join(["python tools/readme_walkthrough.py", *(argv if argv is not None else sys.argv[1:])])
-        write_report(outcomes, args.output, invocation, args.timeout)
+            write_report(outcomes, args.output, invocation, args.timeout)  # after each command: a stopped run keeps it
     return 1 if any(o.verdict == "DEFECT" for o in outcomes) else 0
 
 
