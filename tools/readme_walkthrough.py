@@ -36,7 +36,8 @@ LOOP_STAND_IN = (
     "anomalib-fcdd train --config configs/unsupervised_pixel_balanced.yaml --data.root ./datasets/MVTecAD "
     "--data.category bottle --seed_everything 0 --default_root_dir results/unsupervised_pixel_balanced/seed0"
 )
-ERROR_PREFIXES = ("anomalib-fcdd: error:", "error:", "usage:")
+#: How an error line starts: the CLI's, argparse's and the benchmarks' own, and predict-openvino's (a rich log line).
+ERROR_PREFIXES = ("anomalib-fcdd: error:", "error:", "usage:", "ERROR ")
 #: Commands not run here, and why.
 SKIPPED = {".venv/bin/pytest": "the test suite: CI runs it on a clean clone"}
 
