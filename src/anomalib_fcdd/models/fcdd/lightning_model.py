@@ -387,7 +387,8 @@ class FcddHsc(AnomalibModule):
 
     def setup(self, stage: str) -> None:
         """Take the input size the pre-processor settled (``keep_aspect_ratio``; its hook runs just before this one),
-        and settle ``precision="auto"`` for the device the run really uses.
+        batch paper epochs as the reference does (:meth:`_batch_paper_epochs`), and settle ``precision="auto"`` for
+        the device the run really uses.
 
         ``trainer_arguments`` is read before the trainer exists, so it resolves ``auto`` for the default device: a
         bf16 GPU when there is one. A run forced onto the CPU (``--trainer.accelerator cpu``) of such a machine would
