@@ -9,6 +9,7 @@ and a backbone the user did set is compared with the checkpoint's (:func:`check_
 
 from __future__ import annotations
 
+import functools
 import pickle
 from pathlib import Path
 from typing import Any
@@ -59,18 +60,37 @@ def _unreadable(path: Path, error: Exception) -> CheckpointError:
     )
 
 
+def saved_options(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's saved ``hyper_parameters`` (empty where ``weights_only`` refuses the file).
+
+    ``anomalib-fcdd`` asks twice per run (options before the model is built, the backbone check before the run), so
+    the options are kept per file version (path, modification time, size) and the file is read once; the state dict
+    is not kept.
+
+    Raises:
+        CheckpointError: the file is missing, not a file, truncated or corrupted.
+    """
+    resolved = Path(path).expanduser()
+    stat = resolved.stat() if resolved.is_file() else None
+    return _saved_options(str(resolved), stat.st_mtime_ns if stat else None, stat.st_size if stat else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _saved_options(path: str, mtime_ns: int | None, size: int | None) -> dict[str, Any]:
+    del mtime_ns, size  # part of the cache key only
+    loaded = read_checkpoint(path)
+    saved = loaded.get("hyper_parameters") if loaded is not None else None
+    return dict(saved) if isinstance(saved, dict) else {}
+
+
 def check_checkpoint(path: str | Path, backbone: str | None) -> None:
     """Refuse an unreadable checkpoint, and one trained with another backbone than ``backbone`` (when given).
 
     Raises:
         CheckpointError: naming the file and, for a backbone mismatch, the option to pass.
     """
-    loaded = read_checkpoint(path)
-    if loaded is None or backbone is None:
-        return
-    hyper_parameters = loaded.get("hyper_parameters")
-    trained = hyper_parameters.get("backbone") if isinstance(hyper_parameters, dict) else None
-    if isinstance(trained, str) and trained != backbone:
+    trained = saved_options(path).get("backbone")
+    if backbone is not None and isinstance(trained, str) and trained != backbone:
         raise CheckpointError(
             f"--ckpt_path {Path(path).expanduser()}: this checkpoint was trained with {trained}, not {backbone}; "
             f"pass --model.backbone {trained}."
@@ -84,12 +104,8 @@ def options_from_checkpoint(path: str | Path, options: dict[str, Any], defaults:
     Raises:
         CheckpointError: the file is missing or unreadable.
     """
-    loaded = read_checkpoint(path)
-    saved = loaded.get("hyper_parameters") if loaded is not None else None
-    if not isinstance(saved, dict):
-        return {}
     return {
         name: value
-        for name, value in saved.items()
+        for name, value in saved_options(path).items()
         if name in options and name in defaults and options[name] == defaults[name] and value != options[name]
     }
