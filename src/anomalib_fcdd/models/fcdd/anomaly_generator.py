@@ -113,10 +113,14 @@ class ConfettiNoise(nn.Module):
         """Return ``(corrupted, mask)`` for images in [0, 1] of shape ``B x C x H x W``; mask is ``B x 1 x H x W``."""
         if images.dim() != 4:
             raise ValueError(f"Expected a B x C x H x W batch, got shape {tuple(images.shape)}.")
-        noise = sum(self.draw_noise(images, family, generator) for family in self.families)
+        noise = self.blob_noise(images, generator)
         if self.smooth:
             noise = self._smooth(noise)
         return apply_noise(images, noise)
+
+    def blob_noise(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The unsmoothed noise of every blob family, summed (non-zero exactly on the blobs)."""
+        return sum(self.draw_noise(images, family, generator) for family in self.families)  # type: ignore[return-value]
 
     def draw_noise(
         self, images: torch.Tensor, family: BlobFamily, generator: torch.Generator | None = None
@@ -304,8 +308,7 @@ class ConfettiAnomalyGenerator(nn.Module):
             return images, masks, replaced
         if self.fill == "patch":
             chosen = images[replaced]
-            noise = sum(self.confetti.draw_noise(chosen, family, generator) for family in self.confetti.families)
-            blobs = (noise != 0).any(dim=1, keepdim=True)
+            blobs = (self.confetti.blob_noise(chosen, generator) != 0).any(dim=1, keepdim=True)
             sources = transformed_sources(images, replaced.nonzero().flatten(), generator)
             corrupted, blob_masks = patch_fill(chosen, blobs, sources)
         else:
