@@ -76,13 +76,6 @@ class Row:
 # ---------------------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------------------
-def default_mvtec_root() -> Path:
-    """The benchmarks' MVTec-AD root without ``--mvtec-root`` (:func:`benchmarks.jobs.resolve_mvtec_root`)."""
-    from benchmarks.jobs import resolve_mvtec_root
-
-    return resolve_mvtec_root(None)
-
-
 def _resized_copy(source: Path, target: Path, size: int, nearest: bool = False) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with Image.open(source) as image:
@@ -346,11 +339,13 @@ def write_section(text: str, path: Path = README, section: str = SECTION) -> Non
 # Main
 # ---------------------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from benchmarks.jobs import resolve_mvtec_root
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--models", nargs="+", default=list(DEFAULT_MODELS), help=f"default: {' '.join(DEFAULT_MODELS)}"
     )
-    parser.add_argument("--mvtec-root", type=Path, default=default_mvtec_root())
+    parser.add_argument("--mvtec-root", type=Path, default=resolve_mvtec_root(None))
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_inference import default_mvtec_root
+from benchmarks.jobs import resolve_mvtec_root
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "bf16_accuracy.md"
@@ -31,7 +31,7 @@ PRECISIONS = ("32-true", "bf16-mixed")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--mvtec-root", type=Path, default=default_mvtec_root(), help="default: $FCDD_MVTEC_ROOT, ./datasets/MVTecAD"
+        "--mvtec-root", type=Path, default=resolve_mvtec_root(None), help="default: $FCDD_MVTEC_ROOT, datasets/MVTecAD"
     )
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--backbone", default="efficientnet_lite0")

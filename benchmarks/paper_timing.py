@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback
 
-from benchmarks.bench_inference import default_mvtec_root
+from benchmarks.jobs import resolve_mvtec_root
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "paper_timing.md"
@@ -72,7 +72,7 @@ class EpochClock(Callback):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--mvtec-root", type=Path, default=default_mvtec_root(), help="default: $FCDD_MVTEC_ROOT or ../shared/..."
+        "--mvtec-root", type=Path, default=resolve_mvtec_root(None), help="default: $FCDD_MVTEC_ROOT, datasets/MVTecAD"
     )
     parser.add_argument("--synthetic", action="store_true", help="time on generated images of bottle's shape")
     parser.add_argument("--synthetic-scale", type=float, default=1.0, help="shrink the stand-in (for smoke tests)")
