@@ -111,6 +111,7 @@ NUMBER_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "passes_per_epoch": (lambda v: v >= 1, "1 or more"),
     "anomaly_probability": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "gauss_std": (lambda v: v > 0, "above 0"),
+    "feature_noise": (lambda v: v >= 0, "0 (off) or more"),
 }
 
 
@@ -159,7 +160,7 @@ class FcddHsc(AnomalibModule):
         frozen_bn_train_mode: keep frozen BatchNorm layers in train mode while training (reference behaviour).
 
     ``optimizer``, ``lr``, ``lr_decay``, ``epochs``, ``passes_per_epoch``, ``frozen_bn_train_mode``, ``head``,
-    ``image_score`` and ``anomaly_fill`` left unset take the backbone's measured defaults
+    ``image_score``, ``anomaly_fill`` and ``feature_noise`` left unset take the backbone's measured defaults
     (``backbones.TRAINING_DEFAULTS``; the paper's recipe for VGG-11-BN and the ResNets), so every backbone trains to
     its best accuracy in a bounded time.
         precision: Lightning precision; ``auto`` = ``bf16-mixed`` where bf16 is native (AMX/AVX512-BF16 CPUs, CUDA
@@ -171,6 +172,8 @@ class FcddHsc(AnomalibModule):
             the weights' own for every other pretrained backbone.
         head: ``linear`` (the paper's 1x1 convolution) or ``mlp`` (two 1x1 convolutions, BatchNorm and ReLU between).
         image_score: ``mean`` of the low-resolution map (the reference's) or ``max`` of the upsampled map.
+        feature_noise: relative size of the feature-space anomalies scored alongside every training batch (its
+            features plus Gaussian noise, :mod:`.feature_anomalies`; not in the paper); 0 turns them off.
     """
 
     def __init__(
@@ -202,6 +205,7 @@ class FcddHsc(AnomalibModule):
         input_normalization: str = "auto",
         head: str | None = None,
         image_score: str | None = None,
+        feature_noise: float | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: Any = True,
         evaluator: Evaluator | bool = True,
@@ -242,6 +246,7 @@ class FcddHsc(AnomalibModule):
             input_normalization=input_normalization,
             head=_chosen(head, defaults.head),
             image_score=_chosen(image_score, defaults.image_score),
+            feature_noise=_chosen(feature_noise, defaults.feature_noise),
         )
         self.loss = FcddLoss(loss)
         self.anomaly_generator = ConfettiAnomalyGenerator(
@@ -260,7 +265,8 @@ class FcddHsc(AnomalibModule):
         """One FCDD step: anomalies, augmentation, forward, hypersphere loss."""
         del args, kwargs
         images, masks = self.training_inputs(batch)
-        loss = self.loss(self.model(images).anomaly_map, masks)
+        output = self.model(images)
+        loss = self.loss(output.anomaly_map, masks, output.feature_anomalies)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, logger=True, batch_size=len(images))
         return {"loss": loss}
 
@@ -489,7 +495,7 @@ class FcddHsc(AnomalibModule):
 class Fcdd(FcddHsc, AnomalibModule):
     """FCDD in its original ICLR 2021 configuration: eq. (4), smoothed colour confetti, whole-image anomaly labels.
 
-    Takes every argument of :class:`FcddHsc`; only these four defaults differ. ``AnomalibModule`` is named as a
+    Takes every argument of :class:`FcddHsc`; only these five defaults differ. ``AnomalibModule`` is named as a
     direct base so that ``get_model("fcdd")`` finds the class.
     """
 
@@ -499,6 +505,7 @@ class Fcdd(FcddHsc, AnomalibModule):
         confetti_smoothing: bool = True,
         image_level_masks: bool = True,
         anomaly_fill: str = "colour",
+        feature_noise: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -506,6 +513,7 @@ class Fcdd(FcddHsc, AnomalibModule):
             confetti_smoothing=confetti_smoothing,
             image_level_masks=image_level_masks,
             anomaly_fill=anomaly_fill,
+            feature_noise=feature_noise,
             **kwargs,
         )
 

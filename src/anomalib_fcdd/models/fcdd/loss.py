@@ -24,6 +24,13 @@ applied per pixel)::
 
   The reference code used ``|J0| / (|J1| + 1)``; with the thousands of anomalous pixels in a real batch the difference
   is below 0.1 %. The factor is computed from the masks only, so no gradient flows through it.
+
+Feature anomalies (:mod:`.feature_anomalies`, not in the paper) add the anomalous term of eq. (5) for their pixels,
+all of which are anomalous, averaged over them::
+
+    mean_ij p(H~_ij)                                                        (H~: the map of the noisy features)
+
+so they weigh as much as one batch's balanced anomalous term, whatever the selected loss.
 """
 
 from __future__ import annotations
@@ -100,6 +107,12 @@ def pixel_balanced_loss(anomaly_map: torch.Tensor, mask: torch.Tensor, eps: floa
     return per_pixel.mean()
 
 
+def feature_anomaly_loss(feature_anomalies: torch.Tensor, eps: float = PUSH_EPS) -> torch.Tensor:
+    """``mean p(H~)`` over every pixel of the noisy features' low-resolution map (all of them anomalous)."""
+    values = feature_anomalies.to(torch.promote_types(feature_anomalies.dtype, torch.float32))
+    return push(values, eps).mean()
+
+
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
     "fcdd": fcdd_loss,
     "per_image": per_image_loss,
@@ -128,6 +141,12 @@ class FcddLoss(nn.Module):
         self.eps = eps
         self._loss = LOSSES[name]
 
-    def forward(self, anomaly_map: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Loss of a batch: ``anomaly_map`` and ``mask`` are ``B x [1 x] H x W``."""
-        return self._loss(anomaly_map, mask, self.eps)
+    def forward(
+        self, anomaly_map: torch.Tensor, mask: torch.Tensor, feature_anomalies: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Loss of a batch: ``anomaly_map`` and ``mask`` are ``B x [1 x] H x W``; ``feature_anomalies``, the map of
+        the noisy feature copies, adds :func:`feature_anomaly_loss`."""
+        loss = self._loss(anomaly_map, mask, self.eps)
+        if feature_anomalies is not None:
+            loss = loss + feature_anomaly_loss(feature_anomalies, self.eps)
+        return loss

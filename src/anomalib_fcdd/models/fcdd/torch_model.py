@@ -25,6 +25,7 @@ from ...errors import ConfigurationError
 from .acceleration import Acceleration
 from .anomaly_map import ReceptiveField, ReceptiveFieldUpsampler
 from .backbones import WeightsError, build_backbone, derive_receptive_field
+from .feature_anomalies import FeatureNoise
 from .pre_processing import InputNormalization, WeightsNormalization, resolve_input_normalization
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ class FcddTrainOutput(NamedTuple):
 
     low_res: torch.Tensor  # H, B x 1 x h x w
     anomaly_map: torch.Tensor  # A, B x 1 x H x W
+    #: H of the noisy copies of the batch's features (B x 1 x h x w, every pixel anomalous; :mod:`.feature_anomalies`),
+    #: ``None`` when ``feature_noise`` is 0.
+    feature_anomalies: torch.Tensor | None = None
 
 
 def pseudo_huber(phi: torch.Tensor) -> torch.Tensor:
@@ -101,6 +105,8 @@ class FcddModel(nn.Module):
         head: ``linear``, the paper's 1x1 convolution ``C -> 1``, or ``mlp``, two 1x1 convolutions ``C -> 128 -> 1``
             with BatchNorm and ReLU between: still one scalar per feature vector, from a nonlinear function of it.
         image_score: ``mean`` of the low-resolution map (the reference's) or ``max`` of the upsampled map.
+        feature_noise: while training, also score a copy of the batch's features moved off by Gaussian noise of this
+            relative size, as anomalies (:mod:`.feature_anomalies`); 0 turns it off (the paper).
     """
 
     def __init__(
@@ -116,9 +122,11 @@ class FcddModel(nn.Module):
         input_normalization: str = "auto",
         head: str = "linear",
         image_score: str = "mean",
+        feature_noise: float = 0.0,
     ) -> None:
         super().__init__()
         self.image_score = check_image_score(image_score)
+        self.feature_noise = FeatureNoise(feature_noise) if feature_noise > 0 else None
         self.backbone_name = backbone
         self.acceleration = Acceleration(accelerate)
         built = build_backbone(backbone, pre_trained, weights_path, frozen_modules)
@@ -177,6 +185,10 @@ class FcddModel(nn.Module):
 
     def low_resolution_map(self, images: torch.Tensor) -> torch.Tensor:
         """Pseudo-Huber map ``H`` (B x 1 x h x w) of [0, 1] images."""
+        return pseudo_huber(self.head_output(self.backbone_features(images)))
+
+    def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's feature map (B x C x h x w) of [0, 1] images: what the head scores."""
         self.require_weights()
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(
@@ -185,7 +197,7 @@ class FcddModel(nn.Module):
             )
         normalised = self.acceleration.input(self.normalization(images))
         backbone = self.acceleration.backbone(self.features, self.training)
-        return pseudo_huber(self.head_output(backbone(normalised)))
+        return backbone(normalised)
 
     def head_output(self, features: torch.Tensor) -> torch.Tensor:
         """``phi``, the 1x1 head's output, in fp32: every score is its pseudo-Huber distance to the origin.
@@ -203,13 +215,27 @@ class FcddModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> FcddTrainOutput | InferenceBatch:
         """Train mode: :class:`FcddTrainOutput`; eval mode: ``InferenceBatch(pred_score, anomaly_map)``."""
+        if self.training:
+            return self.training_output(images)
         low_res = self.low_resolution_map(images)
         anomaly_map = self.upsampler(low_res, images.shape[-2:])
-        if self.training:
-            return FcddTrainOutput(low_res=low_res, anomaly_map=anomaly_map)
         if self.image_score == "max":
             return InferenceBatch(pred_score=anomaly_map.amax(dim=(1, 2, 3)), anomaly_map=anomaly_map)
         return InferenceBatch(pred_score=low_res.mean(dim=(1, 2, 3)), anomaly_map=anomaly_map)
+
+    def training_output(self, images: torch.Tensor) -> FcddTrainOutput:
+        """Maps of a training batch and, with ``feature_noise``, of its noisy feature copies.
+
+        The head scores both halves in one call, so its BatchNorm (``mlp`` head) normalises them with the same
+        statistics, as it will at inference.
+        """
+        features = self.backbone_features(images)
+        if self.feature_noise is not None:
+            features = torch.cat([features, self.feature_noise(features)])
+        scores = pseudo_huber(self.head_output(features))
+        low_res, noisy = scores[: len(images)], scores[len(images) :]
+        anomaly_map = self.upsampler(low_res, images.shape[-2:])
+        return FcddTrainOutput(low_res, anomaly_map, noisy if self.feature_noise is not None else None)
 
 
 def _forget_folded_backbone(module: FcddModel, incompatible_keys: object) -> None:

@@ -56,6 +56,8 @@ class TrainingDefaults:
     frozen_bn_train_mode: bool = True
     #: What fills the confetti blobs (``anomaly_generator.FILLS``): the paper's flat colours by default.
     anomaly_fill: str = "colour"
+    #: Relative size of the feature-space anomalies (:mod:`..feature_anomalies`); 0 = none, as in the paper.
+    feature_noise: float = 0.0
     #: Optimiser steps as the budget instead of ``epochs x passes_per_epoch`` (bounded time whatever the data's size).
     steps: int | None = None
 
