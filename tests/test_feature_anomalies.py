@@ -90,3 +90,18 @@ def test_inference_never_sees_the_noise() -> None:
         expected, got = plain(images), noisy(images)
     torch.testing.assert_close(got.anomaly_map, expected.anomaly_map)
     torch.testing.assert_close(got.pred_score, expected.pred_score)
+
+
+def test_feature_noise_defaults_per_backbone_and_overrides() -> None:
+    from anomalib_fcdd import Fcdd, FcddHsc
+    from anomalib_fcdd.errors import ConfigurationError
+    from anomalib_fcdd.models.fcdd.backbones import training_defaults
+
+    default = FcddHsc(pre_trained=False)
+    assert default.model.feature_noise.sigma == training_defaults("efficientnet_lite0_multiscale").feature_noise > 0
+    assert FcddHsc(pre_trained=False, feature_noise=0.3).model.feature_noise.sigma == 0.3
+    assert FcddHsc(pre_trained=False, feature_noise=0).model.feature_noise is None
+    assert FcddHsc(backbone="vgg11_bn", pre_trained=False, minmax="bottle").model.feature_noise is None, "the paper's"
+    assert Fcdd(pre_trained=False).model.feature_noise is None, "original FCDD has no feature anomalies"
+    with pytest.raises(ConfigurationError, match="feature_noise"):
+        FcddHsc(pre_trained=False, feature_noise=-1.0)

@@ -208,3 +208,28 @@ def test_a_paper_epoch_shuffles_its_passes_together(synthetic_root: Path, tmp_pa
         assert sorted(paths) == sorted(images * 3)
         assert {rate for e, _, rate in seen if e == epoch} == {model.lr * 0.5**epoch}
     assert validations == [0, 1]
+
+
+def test_cosine_schedule_decays_every_step_to_zero(synthetic_root: Path, tmp_path: Path) -> None:
+    """``lr_schedule="cosine"``: the lr of step k of K is ``lr * (1 + cos(pi k / K)) / 2``, stepped every batch."""
+    import math
+
+    from lightning.pytorch import Callback
+
+    rates: list[float] = []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer: object, module: FcddHsc, batch: object, batch_idx: int) -> None:
+            rates.append(module.optimizers().param_groups[0]["lr"])
+
+    datamodule = MVTec(root=synthetic_root, category="synthetic", train_batch_size=5, eval_batch_size=8, num_workers=0)
+    model = FcddHsc(
+        backbone="efficientnet_lite0", pre_trained=False, image_size=32, epochs=2, passes_per_epoch=1, lr=0.1,
+        lr_schedule="cosine",
+    )  # fmt: skip
+    engine = Engine(default_root_dir=tmp_path, logger=False, accelerator="cpu", enable_progress_bar=False,
+                    callbacks=[Record()])  # fmt: skip
+    engine.fit(model, datamodule=datamodule)
+    images = len(list((synthetic_root / "synthetic" / "train" / "good").iterdir()))
+    total = 2 * -(-images // 5)
+    assert rates == pytest.approx([0.1 * (1 + math.cos(math.pi * k / total)) / 2 for k in range(total)])

@@ -11,6 +11,7 @@ from anomalib.data import ImageBatch
 from torch import nn
 
 from anomalib_fcdd import Fcdd, FcddHsc
+from anomalib_fcdd.errors import ConfigurationError
 
 
 def test_vgg_freezing_matches_the_paper() -> None:
@@ -210,7 +211,21 @@ def test_docs_table_of_training_defaults_matches_the_code() -> None:
             else f"{defaults.epochs} epochs × {defaults.passes_per_epoch} passes"
         )
         assert row["budget"].startswith(budget), (name, row["budget"])
+        schedule = {"exponential": f"× {defaults.lr_decay} per paper epoch", "cosine": "cosine to 0"}
+        assert schedule[defaults.lr_schedule] in row["optimiser, lr"], (name, row["optimiser, lr"])
         assert row["head"].lower().startswith(defaults.head), (name, row["head"])
         score = {"mean": "mean of the low-resolution map", "max": "max of the upsampled map"}[defaults.image_score]
         assert row["image score"] == score, (name, row["image score"])
         assert row["anomaly fill"].startswith(defaults.anomaly_fill), (name, row["anomaly fill"])
+        noise = "none" if defaults.feature_noise == 0 else f"σ = {defaults.feature_noise:g}"
+        assert row["feature noise"].startswith(noise), (name, row["feature noise"])
+
+
+def test_lr_schedule_is_checked_and_lr_decay_under_cosine_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(ConfigurationError, match="lr_schedule"):
+        FcddHsc(pre_trained=False, lr_schedule="linear")
+    assert FcddHsc(pre_trained=False).lr_schedule == "cosine"
+    assert FcddHsc(backbone="vgg11_bn", pre_trained=False, minmax="bottle").lr_schedule == "exponential"
+    with caplog.at_level("WARNING"):
+        FcddHsc(pre_trained=False, lr_decay=0.9)
+    assert "lr_decay=0.9 is not used" in caplog.text

@@ -18,6 +18,7 @@ with ``weights_only=True``.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -81,6 +82,15 @@ def check_options(options: Mapping[str, Any]) -> None:
         resolve_minmax(options["minmax"])
     if options.get("weights_path") is not None:
         existing_weight_file(options["weights_path"], "--model.weights_path")
+    if options.get("lr_schedule") not in {None, *LR_SCHEDULES}:
+        raise ConfigurationError(
+            f"Unknown lr_schedule {options['lr_schedule']!r} (--model.lr_schedule); use one of {LR_SCHEDULES}."
+        )
+    if options.get("lr_schedule") == "cosine" and options.get("lr_decay") is not None:
+        raise ConfigurationError(
+            "--model.lr_decay applies to --model.lr_schedule exponential only; the cosine schedule decays to 0 by "
+            "itself. Drop lr_decay, or add --model.lr_schedule exponential."
+        )
     if options.get("optimizer") not in {None, *OPTIMIZERS}:
         raise ConfigurationError(
             f"Unknown optimizer {options['optimizer']!r} (--model.optimizer); use one of {OPTIMIZERS}."
@@ -101,6 +111,8 @@ def check_options(options: Mapping[str, Any]) -> None:
 ETA_AFTER_STEPS = 5
 #: ``optimizer`` choices.
 OPTIMIZERS = ("sgd", "adam")
+#: ``lr_schedule`` choices (``backbones.base.TrainingDefaults.lr_schedule``).
+LR_SCHEDULES = ("exponential", "cosine")
 #: Numeric options and the values they accept (``None`` always means "the backbone's default").
 NUMBER_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "lr": (lambda v: v > 0, "above 0"),
@@ -154,13 +166,15 @@ class FcddHsc(AnomalibModule):
             :class:`~.pre_processing.FcddPreProcessor`).
         optimizer: ``sgd`` (Nesterov when momentum > 0, the paper's) or ``adam`` (AdamW).
         lr, momentum, weight_decay: optimiser settings.
-        lr_decay: multiplicative learning-rate decay per paper epoch.
+        lr_decay: multiplicative learning-rate decay per paper epoch (``lr_schedule="exponential"``).
+        lr_schedule: ``exponential`` (``lr * lr_decay^paper_epoch``, the paper's) or ``cosine``
+            (``lr * (1 + cos(pi * step / steps)) / 2`` over every optimiser step of the budget).
         epochs: paper epochs; the trainer runs ``epochs * passes_per_epoch`` passes over the training set.
         passes_per_epoch: passes over the training set per paper epoch (10 in the reference).
         frozen_bn_train_mode: keep frozen BatchNorm layers in train mode while training (reference behaviour).
 
-    ``optimizer``, ``lr``, ``lr_decay``, ``epochs``, ``passes_per_epoch``, ``frozen_bn_train_mode``, ``head``,
-    ``image_score``, ``anomaly_fill`` and ``feature_noise`` left unset take the backbone's measured defaults
+    ``optimizer``, ``lr``, ``lr_decay``, ``lr_schedule``, ``epochs``, ``passes_per_epoch``, ``frozen_bn_train_mode``,
+    ``head``, ``image_score``, ``anomaly_fill`` and ``feature_noise`` left unset take the backbone's measured defaults
     (``backbones.TRAINING_DEFAULTS``; the paper's recipe for VGG-11-BN and the ResNets), so every backbone trains to
     its best accuracy in a bounded time.
         precision: Lightning precision; ``auto`` = ``bf16-mixed`` where bf16 is native (AMX/AVX512-BF16 CPUs, CUDA
@@ -197,6 +211,7 @@ class FcddHsc(AnomalibModule):
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
         lr_decay: float | None = None,
+        lr_schedule: str | None = None,
         epochs: int | None = None,
         passes_per_epoch: int | None = None,
         frozen_bn_train_mode: bool | None = None,
@@ -225,6 +240,14 @@ class FcddHsc(AnomalibModule):
         defaults = training_defaults(backbone)
         self.optimizer_name = _chosen(optimizer, defaults.optimizer)
         self.lr, self.lr_decay = _chosen(lr, defaults.lr), _chosen(lr_decay, defaults.lr_decay)
+        self.lr_schedule = _chosen(lr_schedule, defaults.lr_schedule)
+        if self.lr_schedule == "cosine" and lr_decay is not None:
+            logger.warning(
+                "FCDD: lr_decay=%s is not used: %s trains with a cosine schedule; add --model.lr_schedule exponential "
+                "to decay by lr_decay per paper epoch.",
+                lr_decay,
+                backbone,
+            )
         self.momentum, self.weight_decay = momentum, weight_decay
         self.epochs = _chosen(epochs, defaults.epochs)
         self.passes_per_epoch = _chosen(passes_per_epoch, defaults.passes_per_epoch)
@@ -343,7 +366,8 @@ class FcddHsc(AnomalibModule):
         )
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """SGD with Nesterov momentum (or AdamW); lr decays by ``lr_decay`` once per paper epoch."""
+        """SGD with Nesterov momentum (or AdamW); the lr decays by ``lr_decay`` once per paper epoch, or along half a
+        cosine to 0 over every step of the budget (``lr_schedule``)."""
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         if self.optimizer_name == "adam":
             optimizer: optim.Optimizer = optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
@@ -355,6 +379,12 @@ class FcddHsc(AnomalibModule):
                 nesterov=self.momentum > 0,
                 weight_decay=self.weight_decay,
             )
+        if self.lr_schedule == "cosine":
+            total = max(1, self.steps if self.steps is not None else int(self.trainer.estimated_stepping_batches))
+            cosine = optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
         decay, per_paper_epoch = self.lr_decay, self.trainer_epochs_per_paper_epoch
         scheduler = optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: decay ** (epoch // per_paper_epoch))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

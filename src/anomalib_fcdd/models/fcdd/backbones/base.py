@@ -49,6 +49,9 @@ class TrainingDefaults:
     optimizer: str = "sgd"
     lr: float = 1e-3
     lr_decay: float = 0.985
+    #: ``exponential`` (x ``lr_decay`` per paper epoch, the paper's) or ``cosine`` (half a cosine from ``lr`` to 0 over
+    #: the whole budget, stepped every optimiser step).
+    lr_schedule: str = "exponential"
     epochs: int = 50
     passes_per_epoch: int = 10
     head: str = "linear"
