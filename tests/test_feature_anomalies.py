@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from anomalib_fcdd.models.fcdd import FcddLoss, FcddModel
-from anomalib_fcdd.models.fcdd.feature_anomalies import FeatureNoise
+from anomalib_fcdd.models.fcdd.feature_anomalies import FeatureNoise, SpreadAccumulator
 from anomalib_fcdd.models.fcdd.loss import feature_anomaly_loss, pixel_balanced_loss
 from anomalib_fcdd.models.fcdd.torch_model import pseudo_huber
 
@@ -25,6 +25,28 @@ def test_noise_is_scaled_by_each_channels_spread() -> None:
     assert noise[:, 0].std().item() == pytest.approx(expected_std, rel=0.06)
     assert noise[:, 0].mean().item() == pytest.approx(0.0, abs=0.1)
     assert torch.equal(noisy[:, 1], features[:, 1]), "a channel without spread gets no noise"
+
+
+def test_a_measured_spread_replaces_the_batchs_own() -> None:
+    features = torch.zeros(2, 2, 40, 40)
+    noise_model = FeatureNoise(2.0)
+    noise_model.set_spread(torch.tensor([0.5, 3.0]))
+    torch.manual_seed(0)
+    noise = noise_model(features)  # the batch itself has no spread at all
+    assert noise[:, 0].std().item() == pytest.approx(1.0, rel=0.06)
+    assert noise[:, 1].std().item() == pytest.approx(6.0, rel=0.06)
+    assert "spread" not in noise_model.state_dict(), "a training statistic, measured again for every training"
+    with pytest.raises(ValueError, match="2 channels"):
+        noise_model(torch.zeros(1, 3, 4, 4))
+
+
+def test_spread_accumulator_by_hand() -> None:
+    accumulator = SpreadAccumulator()
+    accumulator.update(torch.tensor([1.0, 3.0]).view(1, 1, 1, 2))  # channel values 1, 3
+    accumulator.update(torch.tensor([5.0, 7.0]).view(1, 1, 2, 1))  # then 5, 7: mean 4, E[x^2] = 21
+    assert accumulator.spread().item() == pytest.approx(math.sqrt(21 - 16))
+    with pytest.raises(ValueError, match="no normal image"):
+        SpreadAccumulator().spread()
 
 
 def test_noise_follows_the_global_seed_and_keeps_dtype() -> None:

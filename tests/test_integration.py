@@ -233,3 +233,21 @@ def test_cosine_schedule_decays_every_step_to_zero(synthetic_root: Path, tmp_pat
     images = len(list((synthetic_root / "synthetic" / "train" / "good").iterdir()))
     total = 2 * -(-images // 5)
     assert rates == pytest.approx([0.1 * (1 + math.cos(math.pi * k / total)) / 2 for k in range(total)])
+
+
+def test_feature_noise_scale_is_the_spread_of_the_training_features(synthetic_root: Path, tmp_path: Path) -> None:
+    """Before training, the noise scale is measured once: the per-channel standard deviation of the (frozen) backbone
+    features of every normal training image (here without confetti or augmentation, so it can be recomputed)."""
+    from torchvision.transforms.v2 import InterpolationMode, Resize
+
+    datamodule = MVTec(root=synthetic_root, category="synthetic", train_batch_size=8, eval_batch_size=8, num_workers=0)
+    model = FcddHsc(pre_trained=False, image_size=64, epochs=1, passes_per_epoch=1, anomaly_probability=0.0,
+                    augment=False)  # fmt: skip
+    engine = Engine(default_root_dir=tmp_path, logger=False, accelerator="cpu", enable_progress_bar=False)
+    engine.fit(model, datamodule=datamodule)
+    images = torch.stack([datamodule.train_data[index].image for index in range(len(datamodule.train_data))])
+    model.model.eval()
+    with torch.no_grad():
+        features = model.model.backbone_features(Resize(64, interpolation=InterpolationMode.NEAREST)(images))
+    expected = features.transpose(0, 1).flatten(1).std(dim=1, correction=0)
+    torch.testing.assert_close(model.model.feature_noise.spread, expected, rtol=1e-3, atol=1e-5)

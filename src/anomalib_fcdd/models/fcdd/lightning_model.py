@@ -41,6 +41,7 @@ from .anomaly_generator import ConfettiAnomalyGenerator, check_fill
 from .augmentation import FcddAugmentation
 from .backbones import check_backbone_name, training_defaults
 from .backbones.weights import existing_weight_file
+from .feature_anomalies import SPREAD_IMAGES, SpreadAccumulator
 from .loss import FcddLoss, check_loss_name
 from .pre_processing import (
     MVTEC_MINMAX,
@@ -303,6 +304,10 @@ class FcddHsc(AnomalibModule):
             masks = torch.as_tensor(batch.gt_mask).view(images.shape[0], 1, *images.shape[-2:]).bool()
         else:
             images, masks, _ = self.anomaly_generator(images)
+        return self._augment(images, masks)
+
+    def _augment(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's augmentation, or a resize to ``image_size`` when it is off."""
         if self.augmentation is not None:
             return self.augmentation(images, masks)
         if tuple(images.shape[-2:]) != self.image_size:
@@ -325,6 +330,12 @@ class FcddHsc(AnomalibModule):
         datamodule = self.trainer.datamodule
         # A datamodule that supplies real training anomalies (MVTecFewAnomalies) switches confetti off for good.
         self.real_anomalies = bool(getattr(datamodule, "training_anomalies", None))
+        self._settle_normalization(datamodule)
+        if self.model.feature_noise is not None:
+            self.model.feature_noise.set_spread(self._feature_spread())
+
+    def _settle_normalization(self, datamodule: Any) -> None:
+        """Min-max constants for ``lcn_minmax``: already there, the shipped MVTec-AD ones, or computed."""
         if bool(self.model.normalization.ready):
             return
         category = getattr(datamodule, "category", None)
@@ -351,6 +362,29 @@ class FcddHsc(AnomalibModule):
         table = accumulator.table()
         logger.info("FCDD: min-max constants computed from %d training images: %s", accumulator.count, table.tolist())
         return table
+
+    def _feature_spread(self) -> torch.Tensor:
+        """Per-channel spread of the backbone's features over up to ``SPREAD_IMAGES`` normal training images, each
+        prepared as a training step prepares it (confetti, augmentation): the scale of the feature noise."""
+        accumulator, images_seen = SpreadAccumulator(), 0
+        was_training = self.model.training
+        self.model.eval()  # frozen statistics; nothing is learnt here
+        try:
+            with torch.no_grad():
+                for batch in self._normal_training_batches():
+                    labels = batch.gt_label
+                    images = batch.image if labels is None else batch.image[~torch.as_tensor(labels).bool()]
+                    images = images[: SPREAD_IMAGES - images_seen].to(self.device)
+                    if len(images):
+                        images, masks, _ = self.anomaly_generator(images)
+                        accumulator.update(self.model.backbone_features(self._augment(images, masks)[0]))
+                        images_seen += len(images)
+                    if images_seen >= SPREAD_IMAGES:
+                        break
+        finally:
+            self.model.train(was_training)
+        logger.info("FCDD: feature-noise scale measured on %d training images.", images_seen)
+        return accumulator.spread()
 
     def _normal_training_batches(self) -> Any:
         """Batches of the datamodule's normal training set, or the trainer's training loader if it has none."""
