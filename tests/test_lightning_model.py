@@ -224,6 +224,8 @@ def test_docs_table_of_training_defaults_matches_the_code() -> None:
 def test_lr_schedule_is_checked_and_lr_decay_under_cosine_is_reported(caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ConfigurationError, match="lr_schedule"):
         FcddHsc(pre_trained=False, lr_schedule="linear")
+    with pytest.raises(ConfigurationError, match=r"applies to --model\.lr_schedule exponential only"):
+        FcddHsc(pre_trained=False, lr_schedule="cosine", lr_decay=0.9)
     assert FcddHsc(pre_trained=False).lr_schedule == "cosine"
     assert FcddHsc(backbone="vgg11_bn", pre_trained=False, minmax="bottle").lr_schedule == "exponential"
     with caplog.at_level("WARNING"):
