@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -354,11 +354,8 @@ class FcddHsc(AnomalibModule):
         """
         accumulator = MinMaxAccumulator()
         resize = Resize(self.image_size, interpolation=InterpolationMode.NEAREST)
-        for batch in self._normal_training_batches():
-            labels = batch.gt_label
-            images = batch.image if labels is None else batch.image[~torch.as_tensor(labels).bool()]
-            if len(images):
-                accumulator.update(resize(images.to(self.device)))
+        for images in self._normal_training_images():
+            accumulator.update(resize(images))
         table = accumulator.table()
         logger.info("FCDD: min-max constants computed from %d training images: %s", accumulator.count, table.tolist())
         return table
@@ -371,20 +368,25 @@ class FcddHsc(AnomalibModule):
         self.model.eval()  # frozen statistics; nothing is learnt here
         try:
             with torch.no_grad():
-                for batch in self._normal_training_batches():
-                    labels = batch.gt_label
-                    images = batch.image if labels is None else batch.image[~torch.as_tensor(labels).bool()]
-                    images = images[: SPREAD_IMAGES - images_seen].to(self.device)
-                    if len(images):
-                        images, masks, _ = self.anomaly_generator(images)
-                        accumulator.update(self.model.backbone_features(self._augment(images, masks)[0]))
-                        images_seen += len(images)
+                for images in self._normal_training_images():
+                    images = images[: SPREAD_IMAGES - images_seen]
+                    images, masks, _ = self.anomaly_generator(images)
+                    accumulator.update(self.model.backbone_features(self._augment(images, masks)[0]))
+                    images_seen += len(images)
                     if images_seen >= SPREAD_IMAGES:
                         break
         finally:
             self.model.train(was_training)
         logger.info("FCDD: feature-noise scale measured on %d training images.", images_seen)
         return accumulator.spread()
+
+    def _normal_training_images(self) -> Iterator[torch.Tensor]:
+        """The normal images of each training batch (never an empty one), on the model's device."""
+        for batch in self._normal_training_batches():
+            labels = batch.gt_label
+            images = batch.image if labels is None else batch.image[~torch.as_tensor(labels).bool()]
+            if len(images):
+                yield images.to(self.device)
 
     def _normal_training_batches(self) -> Any:
         """Batches of the datamodule's normal training set, or the trainer's training loader if it has none."""
