@@ -197,6 +197,20 @@ def test_tiny_demo_run_writes_every_report_file(tiny_root: Path, tmp_path: Path)
         assert figure.size[0] > 2 * figure.size[1]  # three panels side by side
 
 
+def test_a_short_pretrained_demo_finds_the_defects(tmp_path: Path) -> None:
+    """Six epochs on 32 brick crops with the real Lite0 weights find the defects far above chance (7 s).
+
+    Guards the demo's quality, not only that it runs: a backbone built in eval mode once left every demo category at
+    pixel AUROC 0.54 and AP 0.03 while the run itself succeeded. Measured with the fix: pixel AUROC 0.93, AP 0.24."""
+    config = DemoDatasetConfig(crop_size=96, n_train=32, n_test_good=4, n_per_defect=2, seed=0)
+    root = build_demo_dataset(tmp_path / "data", ["brick"], config)
+    output = tmp_path / "report"
+    args = ["--dataset", str(root), "--categories", "brick", "--output", str(output), "--epochs", "6"]
+    assert demo_main([*args, "--image-size", "96", "--no-progress-bar"]) == 0
+    metrics = json.loads((output / "metrics.json").read_text())["categories"]["brick"]["metrics"]
+    assert metrics["pixel_AUROC"] > 0.85 and metrics["pixel_AUPR"] > 0.12, metrics
+
+
 def test_demo_reports_bad_input_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert demo_main(["--dataset", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")]) == 2
     captured = capsys.readouterr()

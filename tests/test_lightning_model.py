@@ -35,6 +35,24 @@ def test_frozen_batchnorm_mode(train_mode: bool) -> None:
     assert (not torch.equal(before, frozen_bn.running_mean)) is train_mode
 
 
+@pytest.mark.parametrize(
+    ("backbone", "pre_trained"),
+    [("vgg11_bn", False), ("resnet18", False), ("efficientnet_lite0", True), ("efficientnet_lite0_multiscale", True)],
+)
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_a_new_model_starts_in_the_modes_training_needs(backbone: str, pre_trained: bool, train_mode: bool) -> None:
+    """Lightning keeps the modes a module has when ``fit`` starts, so they must be right from construction: a builder
+    that left the Lite0 cut in eval mode once froze its trainable BatchNorms and collapsed the demo to chance."""
+    model = FcddHsc(backbone=backbone, pre_trained=pre_trained, frozen_bn_train_mode=train_mode, minmax="bottle").model
+    batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    trainable = [m for m in batchnorms if any(p.requires_grad for p in m.parameters())]
+    frozen = [m for m in batchnorms if not any(p.requires_grad for p in m.parameters())]
+    assert frozen, "every backbone freezes some BatchNorm layers by default"
+    assert all(m.training for m in trainable)
+    assert all(m.training is train_mode for m in frozen)
+    assert model.training and model.head.training
+
+
 def test_optimizer_and_per_paper_epoch_decay() -> None:
     model = FcddHsc(backbone="vgg11_bn", pre_trained=False, passes_per_epoch=10, lr=1e-3, lr_decay=0.985)
     config = model.configure_optimizers()

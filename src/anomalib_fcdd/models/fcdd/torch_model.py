@@ -151,6 +151,9 @@ class FcddModel(nn.Module):
             self._frozen_batchnorms += [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.register_load_state_dict_post_hook(_forget_folded_backbone)
         self.acceleration.prepare(self)
+        # Lightning keeps each module's mode at the start of fit, so the network starts in the modes ``train`` sets
+        # (trainable layers training, frozen BatchNorms as ``frozen_bn_train_mode`` says), whatever a builder left.
+        self.train()
 
     @property
     def receptive_field(self) -> ReceptiveField:

@@ -170,9 +170,15 @@ def lite0_cut(stages: int, pre_trained: bool, weights_path: str | None) -> tuple
 
 
 def _lite0_backbone(features: nn.Module, frozen: tuple[nn.Module, ...], missing: WeightsError | None) -> Backbone:
-    """A Lite0 ``Backbone``: its channels from one small forward pass, its inputs scaled to [-1, 1]."""
+    """A Lite0 ``Backbone``: its channels from one small forward pass, its inputs scaled to [-1, 1].
+
+    The pass runs in eval mode (no running statistics change) and the modes are restored afterwards.
+    """
+    modes = {module: module.training for module in features.modules()}
     with torch.no_grad():
         channels = features.eval()(torch.zeros(1, 3, 64, 64)).shape[1]
+    for module, training in modes.items():
+        module.train(training)
     return Backbone(
         features=features,
         out_channels=channels,
