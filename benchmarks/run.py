@@ -43,7 +43,7 @@ from .jobs import (
     resolve_sources,
 )
 from .measuring import run_job
-from .profiles import NOT_APPLICABLE, SEMI_SUPERVISED, Profile, get_profile
+from .profiles import NOT_APPLICABLE, SEMI_SUPERVISED, Method, Profile, get_profile
 from .storing import ResultStore, result_stores
 
 logger = logging.getLogger("benchmarks.run")
@@ -162,6 +162,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help="results folder (default benchmarks/results/<profile>)")
     parser.add_argument("--work-dir", type=Path, help="checkpoints and generated data (default: a temp folder)")
     parser.add_argument("--seeds", help="comma-separated seeds overriding the profile's")
+    parser.add_argument(
+        "--models", help="comma-separated models to run (fcdd, padim, patchcore; default: the profile's methods)"
+    )
     parser.add_argument("--devices", help="comma-separated GPU ids: one worker process per id, pinned to it")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # "i/n", set by --devices for its children
     parser.add_argument("--dry-run", action="store_true", help="print the job list and exit")
@@ -188,6 +191,8 @@ def make_plan(args: argparse.Namespace, generate: bool = True) -> Plan:
     profile = get_profile(args.profile)
     if args.seeds:
         profile = replace(profile, seeds=tuple(int(seed) for seed in args.seeds.split(",")))
+    if args.models:
+        profile = replace(profile, methods=selected_methods(profile, args.models.split(",")))
     output = args.output or RESULTS_ROOT / profile.name
     work_dir = args.work_dir or Path(tempfile.gettempdir()) / "anomalib-fcdd-benchmark" / profile.name
     extra_roots = [Path(root).expanduser() for root in args.extra_root]
@@ -201,6 +206,15 @@ def make_plan(args: argparse.Namespace, generate: bool = True) -> Plan:
         logger.warning("Skipped: %s.", note)
     jobs = build_jobs(profile, sources, resolve_backbones(profile))
     return Plan(profile=profile, output=output, work_dir=work_dir, jobs=jobs, missing=missing)
+
+
+def selected_methods(profile: Profile, models: Sequence[str]) -> tuple[Method, ...]:
+    """The profile's methods whose model is one of ``models``; a model the profile lacks stops the run in one line."""
+    available = sorted({method.model for method in profile.methods})
+    unknown = sorted(set(models) - set(available))
+    if unknown:
+        raise SystemExit(f"error: --models {','.join(unknown)}: profile {profile.name!r} runs {','.join(available)}.")
+    return tuple(method for method in profile.methods if method.model in models)
 
 
 def print_plan(plan: Plan, store: ResultStore, devices: Sequence[str] = ()) -> None:

@@ -275,6 +275,16 @@ def test_command_line_runs_and_reports(tmp_path: Path) -> None:
     assert "profile `smoke`" in readme and "## Mean over categories" in readme
 
 
+def test_models_option_keeps_only_those_models_jobs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    arguments = ["--profile", "smoke", "--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")]
+    everything = run.make_plan(run.parse_args(arguments), generate=False).jobs
+    fcdd_only = run.make_plan(run.parse_args([*arguments, "--models", "fcdd"]), generate=False).jobs
+    assert fcdd_only and all(job.method.model == "fcdd" for job in fcdd_only)
+    assert [job for job in everything if job.method.model == "fcdd"] == fcdd_only
+    with pytest.raises(SystemExit, match="--models vit: profile 'smoke' runs fcdd,padim,patchcore"):
+        run.make_plan(run.parse_args([*arguments, "--models", "fcdd,vit"]), generate=False)
+
+
 @pytest.mark.slow
 def test_parallel_workers_fill_one_results_folder(tmp_path: Path) -> None:
     """``--devices`` fans out to pinned worker processes, each writing its runs' files."""
