@@ -42,7 +42,6 @@ from .augmentation import FcddAugmentation
 from .backbones import check_backbone_name, training_defaults
 from .backbones.weights import existing_weight_file
 from .feature_anomalies import SPREAD_IMAGES, SpreadAccumulator
-from .head import check_head
 from .loss import FcddLoss, check_loss_name
 from .pre_processing import (
     MVTEC_MINMAX,
@@ -53,7 +52,7 @@ from .pre_processing import (
     check_input_normalization,
     resolve_minmax,
 )
-from .torch_model import FcddModel, check_image_score
+from .torch_model import FcddModel, check_head, check_image_score
 
 logger = logging.getLogger(__name__)
 

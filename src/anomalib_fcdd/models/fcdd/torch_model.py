@@ -26,7 +26,6 @@ from .acceleration import Acceleration
 from .anomaly_map import ReceptiveField, ReceptiveFieldUpsampler
 from .backbones import WeightsError, build_backbone, derive_receptive_field
 from .feature_anomalies import FeatureNoise
-from .head import build_head
 from .pre_processing import InputNormalization, WeightsNormalization, resolve_input_normalization
 
 logger = logging.getLogger(__name__)
@@ -48,8 +47,11 @@ def pseudo_huber(phi: torch.Tensor) -> torch.Tensor:
     return squared / (torch.sqrt(squared + 1) + 1)
 
 
-#: ``image_score`` choices.
+#: ``head`` and ``image_score`` choices.
+HEADS = ("linear", "mlp")
 IMAGE_SCORES = ("mean", "max")
+#: Width of the hidden layer of the ``mlp`` head.
+MLP_HIDDEN = 128
 
 
 def check_image_score(name: str) -> str:
@@ -57,6 +59,25 @@ def check_image_score(name: str) -> str:
     if name not in IMAGE_SCORES:
         raise ConfigurationError(f"Unknown image_score {name!r} (--model.image_score); use one of {IMAGE_SCORES}.")
     return name
+
+
+def check_head(name: str) -> str:
+    """``name`` if it is one of :data:`HEADS`, else a :class:`ConfigurationError`."""
+    if name not in HEADS:
+        raise ConfigurationError(f"Unknown head {name!r} (--model.head); use one of {HEADS}.")
+    return name
+
+
+def build_head(name: str, channels: int) -> nn.Module:
+    """The map from a ``channels``-long feature vector to the scalar ``phi`` (see :data:`HEADS`)."""
+    if check_head(name) == "linear":
+        return nn.Conv2d(channels, 1, kernel_size=1, bias=True)
+    return nn.Sequential(
+        nn.Conv2d(channels, MLP_HIDDEN, kernel_size=1),
+        nn.BatchNorm2d(MLP_HIDDEN),
+        nn.ReLU(),
+        nn.Conv2d(MLP_HIDDEN, 1, kernel_size=1),
+    )
 
 
 class FcddModel(nn.Module):
@@ -181,16 +202,19 @@ class FcddModel(nn.Module):
         backbone = self.acceleration.backbone(self.features, self.training)
         return backbone(normalised)
 
-    def head_output(self, features: torch.Tensor, reference: int | None = None) -> torch.Tensor:
-        """``phi``, the head's output, computed in fp32 on fp32 features, in training and at inference alike.
+    def head_output(self, features: torch.Tensor) -> torch.Tensor:
+        """``phi``, the 1x1 head's output, in fp32: every score is its pseudo-Huber distance to the origin.
 
-        Under bf16 autocast a conv rounds its output to bf16 (8 significant bits): the low-resolution map of one image
-        would fall into a few hundred distinct values, and while training the rounded scores and gradients made
-        unsupervised runs on textures swing by several points of pixel AUROC between seeds (offline ANALYSIS.md).
-        The head is a few 1x1 convolutions, so fp32 costs little next to the backbone, which keeps bf16.
+        Under bf16 autocast a conv rounds its output to bf16 (8 significant bits: the low-resolution map of one image
+        would fall into a few hundred distinct values). At inference the head therefore runs in fp32 on the (exact)
+        bf16 features. While training it stays in bf16 like the rest of the network, since an fp32 head would keep
+        an fp32 copy of its input for the backward pass.
         """
-        with torch.autocast(features.device.type, enabled=False):
-            return self.head(features.float(), reference)
+        device_type = features.device.type
+        if not torch.is_grad_enabled() and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return self.head(features.float())
+        return self.head(features).float()
 
     def forward(self, images: torch.Tensor) -> FcddTrainOutput | InferenceBatch:
         """Train mode: :class:`FcddTrainOutput`; eval mode: ``InferenceBatch(pred_score, anomaly_map)``."""
@@ -205,13 +229,13 @@ class FcddModel(nn.Module):
     def training_output(self, images: torch.Tensor) -> FcddTrainOutput:
         """Maps of a training batch and, with ``feature_noise``, of its noisy feature copies.
 
-        The head scores both halves in one call; its BatchNorm (``mlp`` head) normalises both with the statistics of
-        the real features, as its running statistics will normalise every image at inference (:mod:`.head`).
+        The head scores both halves in one call, so its BatchNorm (``mlp`` head) normalises them with the same
+        statistics, as it will at inference.
         """
-        features = self.backbone_features(images).float()
+        features = self.backbone_features(images)
         if self.feature_noise is not None:
             features = torch.cat([features, self.feature_noise(features)])
-        scores = pseudo_huber(self.head_output(features, reference=len(images)))
+        scores = pseudo_huber(self.head_output(features))
         low_res, noisy = scores[: len(images)], scores[len(images) :]
         anomaly_map = self.upsampler(low_res, images.shape[-2:])
         return FcddTrainOutput(low_res, anomaly_map, noisy if self.feature_noise is not None else None)
