@@ -91,3 +91,22 @@ def test_rectangular_crop_is_an_exact_window_and_resize_picks_nearest_pixels() -
     rows = torch.floor((torch.arange(96) + 0.5) * height / 96).long()  # nearest source row of each output row
     columns = torch.floor((torch.arange(144) + 0.5) * width / 144).long()
     torch.testing.assert_close(resized[0, 0], images[0, 0][rows][:, columns], rtol=0, atol=0)
+
+
+def test_bilinear_resize_branch_samples_images_smoothly_and_masks_nearest() -> None:
+    images = torch.rand(2, 3, 240, 240, generator=torch.Generator().manual_seed(0))
+    masks = torch.rand(2, 1, 240, 240, generator=torch.Generator().manual_seed(1)) > 0.5
+    out, out_masks = joint_crop_or_resize(images, masks, 224, crop_probability=0.0, resize="bilinear")
+    expected = torch.nn.functional.interpolate(images, size=(224, 224), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)  # the affine grid rounds in float32
+    _, nearest_masks = joint_crop_or_resize(images, masks, 224, crop_probability=0.0, resize="nearest")
+    assert torch.equal(out_masks, nearest_masks)
+
+
+def test_bilinear_crops_are_exact_pixel_windows() -> None:
+    images = torch.rand(3, 3, 240, 240, generator=torch.Generator().manual_seed(2))
+    masks = torch.zeros(3, 1, 240, 240, dtype=torch.bool)
+    generator = torch.Generator().manual_seed(3)
+    smooth, _ = joint_crop_or_resize(images, masks, 224, 1.0, torch.Generator().manual_seed(3), resize="bilinear")
+    exact, _ = joint_crop_or_resize(images, masks, 224, 1.0, generator, resize="nearest")
+    torch.testing.assert_close(smooth, exact, rtol=0, atol=1e-4)

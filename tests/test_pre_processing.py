@@ -17,6 +17,7 @@ from anomalib_fcdd.models.fcdd.pre_processing import (
     local_contrast_normalization,
     median_aspect_ratio,
     resolve_minmax,
+    smooth_resize,
 )
 
 
@@ -182,3 +183,63 @@ def test_keep_aspect_ratio_takes_one_side() -> None:
         FcddPreProcessor(image_size=(64, 96), keep_aspect_ratio=True)
     assert FcddPreProcessor(image_size=64, keep_aspect_ratio=True).aspect_side == 64
     assert FcddPreProcessor(image_size=64).aspect_side is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The resize: nearest (the paper's pipeline) or antialiased bilinear (pretrained weights)
+def test_smooth_resize_by_hand() -> None:
+    """4 -> 2 pixels: scale 2, so the triangle spans 2 input pixels each side of the output centre (1.0 and 3.0).
+
+    Output 0 weighs inputs at 0.5, 1.5, 2.5 by 0.75, 0.75, 0.25 (sum 1.75); output 1 symmetrically."""
+    row = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    images = row.view(1, 1, 1, 4).expand(1, 1, 4, 4).contiguous()  # constant columns: rows shrink to the same values
+    out = smooth_resize(images, (2, 2))
+    first = (0.75 * 1 + 0.75 * 2 + 0.25 * 4) / 1.75
+    second = (0.25 * 2 + 0.75 * 4 + 0.75 * 8) / 1.75
+    torch.testing.assert_close(out, torch.tensor([[first, second], [first, second]]).view(1, 1, 2, 2))
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "size"), [(900, 900, (224, 224)), (160, 160, (224, 224)), (333, 517, (240, 200))]
+)
+def test_smooth_resize_matches_torchs_antialiased_bilinear(height: int, width: int, size: tuple[int, int]) -> None:
+    images = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+    torch.testing.assert_close(smooth_resize(images, size), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"backbone": "efficientnet_lite0_multiscale"}, "nearest"),
+        ({"backbone": "vgg11_bn", "pre_trained": False}, "nearest"),
+        ({"backbone": "efficientnet_lite0_multiscale", "resize": "bilinear"}, "bilinear"),
+    ],
+)
+def test_model_resizes_the_same_way_everywhere(options: dict, expected: str) -> None:
+    from torchvision.transforms.v2 import InterpolationMode
+
+    from anomalib_fcdd import FcddHsc
+
+    model = FcddHsc(minmax="bottle", **options)
+    interpolation = InterpolationMode.NEAREST if expected == "nearest" else InterpolationMode.BILINEAR
+    assert model.resize == expected and model.pre_processor.resize == expected
+    assert model.pre_processor.transform.interpolation == interpolation
+    assert model.pre_processor.train_transform.interpolation == interpolation
+    assert model.augmentation.resize == expected
+
+
+def test_an_unknown_resize_is_one_line() -> None:
+    from anomalib_fcdd import FcddHsc
+
+    with pytest.raises(ConfigurationError, match=r"Unknown resize 'bicubic' \(--model\.resize\)"):
+        FcddHsc(resize="bicubic")
+
+
+def test_a_restored_pre_processor_keeps_its_resize() -> None:
+    trained = FcddPreProcessor(image_size=96, resize="bilinear")
+    restored = FcddPreProcessor(image_size=96)
+    restored.load_checkpoint_config(trained.checkpoint_config())
+    assert restored.resize == "bilinear" and restored.train_transform.antialias
+    images = torch.rand(1, 3, 130, 170, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(restored(images), smooth_resize(images, (96, 96)))

@@ -33,12 +33,14 @@ def joint_crop_or_resize(
     size: int | tuple[int, int],
     crop_probability: float = 0.5,
     generator: torch.Generator | None = None,
+    resize: str = "nearest",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image, a random ``size`` crop (probability ``crop_probability``) or a nearest resize to ``size``.
+    """Per image, a random ``size`` crop (probability ``crop_probability``) or a resize to ``size``.
 
-    ``size`` is a side or ``(height, width)``. Both are one nearest-neighbour ``grid_sample`` with a per-image affine
-    grid, so image and mask (``B x 1 x H x W``) stay pixel-aligned: a crop maps output pixel ``i`` to input pixel
-    ``offset + i`` exactly.
+    ``size`` is a side or ``(height, width)``. Both are one ``grid_sample`` with a per-image affine grid, so image and
+    mask (``B x 1 x H x W``) stay pixel-aligned: a crop maps output pixel ``i`` to input pixel ``offset + i`` exactly.
+    Images are sampled ``nearest`` (the reference's) or ``bilinear`` (``resize``; a crop hits pixel centres, so it is
+    exact either way), masks always nearest.
     """
     out_height, out_width = (size, size) if isinstance(size, int) else size
     batch, _, height, width = images.shape
@@ -52,7 +54,7 @@ def joint_crop_or_resize(
     theta[:, 0, 2] = torch.where(crop, (2 * offset_x + out_width) / width - 1, torch.zeros_like(offset_x))
     theta[:, 1, 2] = torch.where(crop, (2 * offset_y + out_height) / height - 1, torch.zeros_like(offset_y))
     grid = F.affine_grid(theta, [batch, 1, out_height, out_width], align_corners=False)
-    out_images = F.grid_sample(images, grid.to(images.dtype), mode="nearest", align_corners=False)
+    out_images = F.grid_sample(images, grid.to(images.dtype), mode=resize, align_corners=False)
     out_masks = F.grid_sample(masks.float(), grid, mode="nearest", align_corners=False) > 0.5
     return out_images, out_masks
 
@@ -127,6 +129,7 @@ class FcddAugmentation(nn.Module):
         crop_probability: chance of a random crop rather than a resize.
         noise_probability: chance of Gaussian noise per image.
         noise_relative_std: noise std as a fraction of the image's std.
+        resize: how the resize branch samples images, ``nearest`` (the reference's) or ``bilinear``.
     """
 
     def __init__(
@@ -135,9 +138,11 @@ class FcddAugmentation(nn.Module):
         crop_probability: float = 0.5,
         noise_probability: float = 0.5,
         noise_relative_std: float = 0.1,
+        resize: str = "nearest",
     ) -> None:
         super().__init__()
         self.size = size
+        self.resize = resize
         self.crop_probability = crop_probability
         self.noise_probability = noise_probability
         self.noise_relative_std = noise_relative_std
@@ -157,7 +162,7 @@ class FcddAugmentation(nn.Module):
     def _augment(
         self, images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        images, masks = joint_crop_or_resize(images, masks, self.size, self.crop_probability, generator)
+        images, masks = joint_crop_or_resize(images, masks, self.size, self.crop_probability, generator, self.resize)
         strong = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
         strengths = torch.where(
             strong[:, None],

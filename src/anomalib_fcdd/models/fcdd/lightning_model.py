@@ -50,6 +50,8 @@ from .pre_processing import (
     as_height_width,
     check_aspect_option,
     check_input_normalization,
+    check_resize,
+    resize_transform,
     resolve_minmax,
 )
 from .torch_model import FcddModel, check_head, check_image_score
@@ -79,6 +81,8 @@ def check_options(options: Mapping[str, Any]) -> None:
         check_aspect_option(options["image_size"], bool(options.get("keep_aspect_ratio")))
     if "input_normalization" in options:
         check_input_normalization(options["input_normalization"])
+    if "resize" in options:
+        check_resize(options["resize"])
     if options.get("minmax") not in {None, "auto"}:
         resolve_minmax(options["minmax"])
     if options.get("weights_path") is not None:
@@ -185,6 +189,8 @@ class FcddHsc(AnomalibModule):
         input_normalization: ``lcn_minmax`` (the paper's LCN + min-max, sec. 4), ``weights`` (the statistics the
             pretrained backbone was trained with) or ``auto``: the paper's for VGG-11-BN and untrained backbones,
             the weights' own for every other pretrained backbone.
+        resize: how images are brought to ``image_size`` (and to the 240/224-scaled training size): ``nearest``, the
+            reference's, or antialiased ``bilinear``; the exported graph resizes the same way.
         head: ``linear`` (the paper's 1x1 convolution) or ``mlp`` (two 1x1 convolutions, BatchNorm and ReLU between).
         image_score: ``mean`` of the low-resolution map (the reference's) or ``max`` of the upsampled map.
         feature_noise: relative size of the feature-space anomalies scored alongside every training batch (its
@@ -219,6 +225,7 @@ class FcddHsc(AnomalibModule):
         precision: str = "auto",
         accelerate: bool = True,
         input_normalization: str = "auto",
+        resize: str = "nearest",
         head: str | None = None,
         image_score: str | None = None,
         feature_noise: float | None = None,
@@ -229,7 +236,7 @@ class FcddHsc(AnomalibModule):
     ) -> None:
         check_options({name: value for name, value in locals().items() if name != "self"})
         super().__init__(
-            pre_processor=self.configure_pre_processor(check_image_size(image_size), keep_aspect_ratio)
+            pre_processor=self.configure_pre_processor(check_image_size(image_size), keep_aspect_ratio, resize)
             if pre_processor is True
             else pre_processor,
             post_processor=post_processor,
@@ -238,6 +245,8 @@ class FcddHsc(AnomalibModule):
         )
         self.minmax = minmax
         self.image_size = check_image_size(image_size)
+        #: ``nearest`` or ``bilinear``: how the pre-processor and the augmentation resize images.
+        self.resize = resize
         defaults = training_defaults(backbone)
         self.optimizer_name = _chosen(optimizer, defaults.optimizer)
         self.lr, self.lr_decay = _chosen(lr, defaults.lr), _chosen(lr_decay, defaults.lr_decay)
@@ -279,7 +288,7 @@ class FcddHsc(AnomalibModule):
             fill=_chosen(anomaly_fill, defaults.anomaly_fill),
             smooth=confetti_smoothing,
         )
-        self.augmentation = FcddAugmentation(size=self.image_size) if augment else None
+        self.augmentation = FcddAugmentation(size=self.image_size, resize=self.resize) if augment else None
         self.real_anomalies = False
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -311,8 +320,8 @@ class FcddHsc(AnomalibModule):
         if self.augmentation is not None:
             return self.augmentation(images, masks)
         if tuple(images.shape[-2:]) != self.image_size:
-            resize = Resize(self.image_size, interpolation=InterpolationMode.NEAREST)
-            return resize(images), resize(masks.float()) > 0.5
+            nearest = Resize(self.image_size, interpolation=InterpolationMode.NEAREST)
+            return resize_transform(self.image_size, self.resize)(images), nearest(masks.float()) > 0.5
         return images, masks
 
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
@@ -353,7 +362,7 @@ class FcddHsc(AnomalibModule):
         without a distributed sampler, so every DDP rank sees the same images and gets the same constants.
         """
         accumulator = MinMaxAccumulator()
-        resize = Resize(self.image_size, interpolation=InterpolationMode.NEAREST)
+        resize = resize_transform(self.image_size, self.resize)
         for images in self._normal_training_images():
             accumulator.update(resize(images))
         table = accumulator.table()
@@ -517,7 +526,7 @@ class FcddHsc(AnomalibModule):
             return
         self.image_size = tuple(size)
         if self.augmentation is not None:
-            self.augmentation = FcddAugmentation(size=self.image_size)
+            self.augmentation = FcddAugmentation(size=self.image_size, resize=self.resize)
 
     @staticmethod
     def _post_training_quantization_ov(model: Any, datamodule: Any = None) -> Any:
@@ -536,10 +545,12 @@ class FcddHsc(AnomalibModule):
 
     @classmethod
     def configure_pre_processor(
-        cls, image_size: tuple[int, int] | None = None, keep_aspect_ratio: bool = False
+        cls, image_size: tuple[int, int] | None = None, keep_aspect_ratio: bool = False, resize: str = "nearest"
     ) -> PreProcessor:
-        """Nearest resize to 224 (240 while training); LCN and min-max live inside the network."""
-        return FcddPreProcessor(image_size=as_height_width(image_size or 224), keep_aspect_ratio=keep_aspect_ratio)
+        """Resize to 224 (240 while training); the input normalisation lives inside the network."""
+        return FcddPreProcessor(
+            image_size=as_height_width(image_size or 224), keep_aspect_ratio=keep_aspect_ratio, resize=resize
+        )
 
     @staticmethod
     def configure_evaluator() -> Evaluator:

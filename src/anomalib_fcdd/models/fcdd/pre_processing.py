@@ -1,4 +1,7 @@
-"""FCDD's pre-processing: the nearest resize anomalib runs, and the input normalisation that travels inside the model.
+"""FCDD's pre-processing: the resize anomalib runs, and the input normalisation that travels inside the model.
+
+The resize is the reference's nearest-neighbour one by default; ``resize="bilinear"`` antialiases instead, as the
+photos of ImageNet training were resized (offline ANALYSIS.md has what it measured).
 
 The reference ``lcnaug1`` pipeline normalises every image in two steps (the paper's sec. 4):
 
@@ -63,6 +66,38 @@ def nearest_indices(in_size: torch.Tensor, out_size: int) -> torch.Tensor:
     scale = in_size.to(torch.float32) / out_size
     indices = torch.floor(torch.arange(out_size, dtype=torch.float32, device=in_size.device) * scale).to(torch.int64)
     return torch.minimum(indices, in_size - 1)
+
+
+def linear_resize_weights(in_size: torch.Tensor, out_size: int) -> torch.Tensor:
+    """``out_size x in_size`` weights of an antialiased linear resize along one axis, as torch's bilinear
+    ``antialias=True`` kernel computes them.
+
+    Output pixel ``i`` is centred on input coordinate ``c_i = (i + 0.5) s`` with ``s = in_size / out_size``; input
+    pixel ``j`` (centred on ``j + 0.5``) weighs ``max(0, 1 - |j + 0.5 - c_i| / max(s, 1))``, and each row is scaled to
+    sum to 1. Shrinking, the triangle stretches over the output pixel's footprint (no aliasing); enlarging, it is plain
+    linear interpolation.
+    """
+    scale = in_size.to(torch.float32) / out_size
+    support = torch.clamp(scale, min=1.0)
+    centres = (torch.arange(out_size, dtype=torch.float32, device=in_size.device) + 0.5) * scale
+    positions = torch.arange(in_size, device=in_size.device).to(torch.float32) + 0.5
+    weights = torch.clamp(1 - (positions[None, :] - centres[:, None]).abs() / support, min=0)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def smooth_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bilinear resize of ``B x C x H x W`` images to ``size``, written as two matrix products.
+
+    The same values as torchvision's ``Resize(antialias=True)`` (float rounding aside), from shape arithmetic and
+    ``matmul`` only, so eager torch, ONNX Runtime and OpenVINO agree for every input size: exporters turn ``Resize``
+    into a resize without antialiasing, which aliases when shrinking. Costs ``C * h * H * W`` multiply-adds (0.7 G for
+    a 1024 x 1024 image to 224), well under the network's own.
+    """
+    height = torch.scalar_tensor(images.shape[-2], dtype=torch.int64, device=images.device)
+    width = torch.scalar_tensor(images.shape[-1], dtype=torch.int64, device=images.device)
+    rows = linear_resize_weights(height, size[0]).to(images.dtype)
+    columns = linear_resize_weights(width, size[1]).to(images.dtype)
+    return torch.matmul(torch.matmul(rows, images), columns.transpose(0, 1))
 
 
 def nearest_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -186,6 +221,30 @@ def resolve_input_normalization(name: str, backbone: str, pre_trained: bool) -> 
     return "lcn_minmax" if backbone == "vgg11_bn" or not pre_trained else "weights"
 
 
+#: ``resize`` choices: ``nearest`` (the reference's) or antialiased ``bilinear``.
+RESIZES = ("nearest", "bilinear")
+
+
+def check_resize(name: str) -> str:
+    """``name`` if it is one of :data:`RESIZES`, else a :class:`ConfigurationError`."""
+    if name not in RESIZES:
+        raise ConfigurationError(f"Unknown resize {name!r} (--model.resize); use one of {RESIZES}.")
+    return name
+
+
+def resize_transform(size: int | tuple[int, int], resize: str) -> Resize:
+    """torchvision's ``Resize`` to ``size`` for ``resize`` (``nearest``/``bilinear``); masks are always resized
+    nearest by torchvision."""
+    if resize == "nearest":
+        return Resize(size, interpolation=InterpolationMode.NEAREST)
+    return Resize(size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+def resize_name(transform: Resize) -> str:
+    """``nearest`` or ``bilinear``: what ``transform`` does (also for one restored from a checkpoint)."""
+    return "nearest" if transform.interpolation == InterpolationMode.NEAREST else "bilinear"
+
+
 class WeightsNormalization(nn.Module):
     """``(x - mean) / std`` per channel, with the statistics the backbone's pretrained weights were trained on.
 
@@ -291,7 +350,8 @@ def check_aspect_option(image_size: int | Sequence[int], keep_aspect_ratio: bool
 
 
 class FcddPreProcessor(PreProcessor):
-    """Nearest-neighbour resize to ``image_size`` for evaluation and export, to ``train_size`` for training.
+    """Resize (``nearest`` or antialiased ``bilinear``) to ``image_size`` for evaluation and export, to ``train_size``
+    for training.
 
     The reference draws anomalies at 240 x 240 and only then crops or resizes to 224, so training batches are resized
     to 240 here and brought to 224 by the model's augmentation.
@@ -306,11 +366,12 @@ class FcddPreProcessor(PreProcessor):
         image_size: int | tuple[int, int] = 224,
         train_size: int | tuple[int, int] | None = None,
         keep_aspect_ratio: bool = False,
+        resize: str = "nearest",
     ) -> None:
         size = check_aspect_option(image_size, keep_aspect_ratio)
-        super().__init__(transform=Resize(size, interpolation=InterpolationMode.NEAREST))
+        super().__init__(transform=resize_transform(size, check_resize(resize)))
         self.train_size = as_height_width(train_size) if train_size is not None else training_size(size)
-        self.train_transform = Resize(self.train_size, interpolation=InterpolationMode.NEAREST)
+        self.train_transform = resize_transform(self.train_size, resize)
         #: The shorter side while the longer one is still to be measured; ``None`` once the size is settled.
         self.aspect_side: int | None = size[0] if keep_aspect_ratio else None
 
@@ -319,16 +380,24 @@ class FcddPreProcessor(PreProcessor):
         """``(height, width)`` of the network input."""
         return as_height_width(self.transform.size)
 
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Inference and export: the same nearest resize as ``transform``, as an index gather (:func:`nearest_resize`).
+    @property
+    def resize(self) -> str:
+        """``nearest`` or ``bilinear``, from the transform (a restored checkpoint says what it was trained with)."""
+        return resize_name(self.transform)
 
-        The gather selects exactly the pixels torch does; the ONNX ``Resize`` that torchvision's ``Resize`` exports to
-        picks a neighbouring row or column for some input sizes, so exported graphs would differ from eager torch.
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Inference and export: the resize of ``transform``, written so that exported graphs compute it too.
+
+        Nearest is an index gather (:func:`nearest_resize`): it selects exactly the pixels torch does, where the ONNX
+        ``Resize`` that torchvision's ``Resize`` exports to picks a neighbouring row or column for some input sizes.
+        Bilinear is :func:`smooth_resize`, antialiased like ``transform``, which exporters are not.
         """
         if not isinstance(self.transform, Resize) or len(self.transform.size) != 2:
             return super().forward(batch)
         height, width = self.transform.size
-        return nearest_resize(batch, (height, width))
+        if self.resize == "nearest":
+            return nearest_resize(batch, (height, width))
+        return smooth_resize(batch, (height, width))
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Settle a ``keep_aspect_ratio`` size, then decode training images straight to ``train_size``.
@@ -374,10 +443,11 @@ class FcddPreProcessor(PreProcessor):
 
     def resize_to(self, size: tuple[int, int]) -> None:
         """Use ``size`` as the network input (and its 240/224-scaled training size); the size is then settled."""
-        self.transform = Resize(size, interpolation=InterpolationMode.NEAREST)
+        resize = self.resize
+        self.transform = resize_transform(size, resize)
         self.export_transform = get_exportable_transform(self.transform)
         self.train_size = training_size(size)
-        self.train_transform = Resize(self.train_size, interpolation=InterpolationMode.NEAREST)
+        self.train_transform = resize_transform(self.train_size, resize)
         self.aspect_side = None
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Batch, batch_idx: int) -> None:
@@ -393,7 +463,7 @@ class FcddPreProcessor(PreProcessor):
         """Restore both transforms; a restored size is settled (a checkpoint keeps the size it was trained at)."""
         super().load_checkpoint_config(config)
         self.train_size = as_height_width(config.get("train_size", self.train_size))
-        self.train_transform = Resize(self.train_size, interpolation=InterpolationMode.NEAREST)
+        self.train_transform = resize_transform(self.train_size, self.resize)
         self.aspect_side = None
 
 
