@@ -17,8 +17,8 @@ from typing import Any
 
 DEFAULT_DATA_ROOT = Path("datasets/fcdd_demo")
 DEFAULT_OUTPUT = Path("demo_output")
-#: Backbone with ImageNet weights that load without network; fallback if it is not registered.
-PREFERRED_BACKBONE = "efficientnet_lite0"
+#: The package's default backbone (ImageNet weights that load without network); fallback if it is not registered.
+PREFERRED_BACKBONE = "efficientnet_lite0_multiscale"
 FALLBACK_BACKBONE = "vgg11_bn"
 
 
@@ -65,7 +65,12 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--crop-size", type=_positive, default=data.crop_size, help="side of the demo images")
     where.add_argument("--train-images", type=_positive, default=data.n_train, help="normal training crops each")
     fit = result.add_argument_group("training")
-    fit.add_argument("--epochs", type=_positive, default=train.epochs, help="passes over the training images")
+    fit.add_argument(
+        "--epochs",
+        type=_positive,
+        default=train.epochs,
+        help="passes over the training images (default: the backbone's budget, e.g. 500 steps)",
+    )
     fit.add_argument(
         "--image-size",
         type=_positive,
@@ -73,8 +78,13 @@ def parser() -> argparse.ArgumentParser:
         help=f"network input side (default: the crop size; {train.image_size} with --dataset)",
     )
     fit.add_argument("--batch-size", type=_positive, default=train.batch_size)
-    fit.add_argument("--lr", type=float, default=train.lr, help="SGD learning rate")
-    fit.add_argument("--lr-decay", type=float, default=train.lr_decay, help="learning-rate factor per epoch")
+    fit.add_argument("--lr", type=float, default=train.lr, help="learning rate (default: the backbone's)")
+    fit.add_argument(
+        "--lr-decay",
+        type=float,
+        default=train.lr_decay,
+        help="learning-rate factor per epoch, for backbones with the exponential schedule (default: the backbone's)",
+    )
     fit.add_argument("--backbone", default=None, help=f"FCDD backbone (default {PREFERRED_BACKBONE})")
     fit.add_argument("--no-pretrained", action="store_true", help="random backbone weights (for quick tests)")
     fit.add_argument("--seed", type=int, default=data.seed, help="seed of the dataset build and of training")
@@ -97,6 +107,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*(no logger configured|will override existing callbacks).*")
+    # FCDD keeps its frozen BatchNorm layers in eval mode on purpose (docs/backbones.md)
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning", "anomalib"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -201,7 +213,7 @@ def run(args: argparse.Namespace, console: Any) -> int:
     from rich.markup import escape
 
     from .report import write_report
-    from .training import run_category
+    from .training import budget_text, run_category
 
     start = time.perf_counter()
     root, categories = resolve_data(args, console)
@@ -209,7 +221,7 @@ def run(args: argparse.Namespace, console: Any) -> int:
     weights = "ImageNet" if settings.pre_trained else "random"
     console.print(
         f"FCDD: {settings.backbone} ({weights} weights), pixel-balanced hypersphere loss, confetti anomalies; "
-        f"{settings.epochs} epochs at {settings.image_size} px per category"
+        f"{budget_text(settings)} at {settings.image_size} px per category"
     )
     results = []
     for index, category in enumerate(categories):
@@ -219,7 +231,7 @@ def run(args: argparse.Namespace, console: Any) -> int:
         results.append(run_category(root, category, settings, args.output / "checkpoints"))
         console.print(metrics_line(results[-1]))
     console.rule(overall_progress(len(categories), len(categories), time.perf_counter() - start))
-    run_info = {"dataset": str(root), "categories": categories, **asdict(settings)}
+    run_info = {"dataset": str(root), "categories": categories, **asdict(settings), "budget": budget_text(settings)}
     with console.status(f"Writing the report to {args.output} ..."):
         run_info["seconds"] = round(time.perf_counter() - start, 1)
         write_report(results, args.output, run_info)

@@ -232,7 +232,7 @@ def index_html(rows: Sequence[dict[str, Any]], figures: Sequence[ImageFigure], r
 
 
 def _run_line(run_info: dict[str, Any]) -> str:
-    keys = ("dataset", "backbone", "pre_trained", "epochs", "passes_per_epoch", "image_size", "seconds")
+    keys = ("dataset", "backbone", "pre_trained", "budget", "image_size", "seconds")
     return ", ".join(f"{key}: {run_info[key]}" for key in keys if key in run_info)
 
 

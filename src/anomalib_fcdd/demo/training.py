@@ -25,19 +25,20 @@ METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPR", "pixel_AUPRO")
 class TrainSettings:
     """FCDD and trainer settings for one demo run (see ``anomalib-fcdd demo --help``).
 
-    The defaults are sized for two CPU cores: 20 epochs of 6 batches (96 training crops) with an SGD learning rate
-    that decays by ``lr_decay`` after every epoch, so the last epochs only fine-tune and the result does not hinge on
-    the last few noisy batches. ``threads = 1``: the network's tensors are small, and a second intra-op thread on a
-    busy two-core machine made training several times slower, not faster (measured in docs/demo_results.md).
+    ``backbone`` is the package's default, and every training option left at ``None`` takes that backbone's own
+    default (``docs/backbones.md``): the demo shows the model a user gets from ``FcddHsc()``. ``epochs`` replaces the
+    backbone's budget by that many passes over the training images. ``threads = 1``: the network's tensors are small,
+    and a second intra-op thread on a busy two-core machine made training several times slower, not faster (measured
+    in docs/demo_results.md).
     """
 
-    backbone: str = "efficientnet_lite0"
+    backbone: str = "efficientnet_lite0_multiscale"
     pre_trained: bool = True
-    epochs: int = 20
+    epochs: int | None = None
     image_size: int = 160
     batch_size: int = 16
-    lr: float = 1e-2
-    lr_decay: float = 0.85
+    lr: float | None = None
+    lr_decay: float | None = None
     seed: int = 0
     threads: int = 1
     num_workers: int = 0
@@ -121,24 +122,37 @@ class TestOutputCollector(Callback):
 
 
 def build_model(settings: TrainSettings) -> Any:
-    """``FcddHsc`` with the paper's proposed loss and confetti, sized for the demo; no anomalib visualizer.
+    """``FcddHsc`` with the paper's proposed loss and confetti, at the demo's image size; no anomalib visualizer.
 
-    ``passes_per_epoch = 1`` makes every demo epoch one pass over the training images and applies ``lr_decay`` after
-    each of them.
+    Options the user did not give stay unset, so the backbone's defaults apply. ``--epochs`` sets
+    ``passes_per_epoch = 1``: every epoch is one pass over the training images.
     """
     from anomalib_fcdd import FcddHsc
 
+    chosen = {"lr": settings.lr, "lr_decay": settings.lr_decay, "epochs": settings.epochs}
+    options = {name: value for name, value in chosen.items() if value is not None}
+    if settings.epochs is not None:
+        options["passes_per_epoch"] = 1
     return FcddHsc(
         backbone=settings.backbone,
         pre_trained=settings.pre_trained,
         loss="pixel_balanced",
         image_size=settings.image_size,
-        lr=settings.lr,
-        lr_decay=settings.lr_decay,
-        epochs=settings.epochs,
-        passes_per_epoch=1,
         visualizer=False,
+        **options,
     )
+
+
+def budget_text(settings: TrainSettings) -> str:
+    """The training budget in words, as the model will run it: ``500 steps of 16 images`` or ``20 epochs``."""
+    from anomalib_fcdd.models.fcdd.backbones import training_defaults
+
+    if settings.epochs is not None:
+        return f"{settings.epochs} epochs"
+    defaults = training_defaults(settings.backbone)
+    if defaults.steps is not None:
+        return f"{defaults.steps} steps of {settings.batch_size} images"
+    return f"{defaults.epochs * defaults.passes_per_epoch} epochs"
 
 
 def build_datamodule(root: Path, category: str, settings: TrainSettings) -> Any:
@@ -188,8 +202,6 @@ def _run_category(root: Path, category: str, settings: TrainSettings, work_dir: 
         callbacks=[history, collector],
         enable_progress_bar=settings.progress_bar,
         enable_model_summary=False,
-        max_epochs=settings.epochs,
-        check_val_every_n_epoch=settings.epochs,
     )
     engine.fit(model, datamodule=datamodule)
     results = engine.test(model, datamodule=datamodule, verbose=False)
