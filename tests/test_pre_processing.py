@@ -243,3 +243,12 @@ def test_a_restored_pre_processor_keeps_its_resize() -> None:
     assert restored.resize == "bilinear" and restored.train_transform.antialias
     images = torch.rand(1, 3, 130, 170, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(restored(images), smooth_resize(images, (96, 96)))
+
+
+def test_a_model_takes_the_resize_of_its_restored_pre_processor() -> None:
+    from anomalib_fcdd import FcddHsc
+
+    model = FcddHsc(backbone="vgg11_bn", pre_trained=False, minmax="bottle")
+    model.pre_processor.load_checkpoint_config(FcddPreProcessor(image_size=224, resize="bilinear").checkpoint_config())
+    model._adopt_input_size()  # what on_load_checkpoint runs after anomalib restored the pre-processor
+    assert model.resize == "bilinear" and model.augmentation.resize == "bilinear"

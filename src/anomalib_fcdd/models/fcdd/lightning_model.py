@@ -520,11 +520,12 @@ class FcddHsc(AnomalibModule):
         self._adopt_input_size()
 
     def _adopt_input_size(self) -> None:
-        """Train at the pre-processor's size: it differs from ``image_size`` once ``keep_aspect_ratio`` settled it."""
+        """Train at the pre-processor's size and with its resize: the size differs from ``image_size`` once
+        ``keep_aspect_ratio`` settled it, and a restored checkpoint brings both."""
+        self.resize = getattr(self.pre_processor, "resize", self.resize)
         size = getattr(self.pre_processor, "image_size", None)
-        if size is None or tuple(size) == self.image_size:
-            return
-        self.image_size = tuple(size)
+        if size is not None:
+            self.image_size = tuple(size)
         if self.augmentation is not None:
             self.augmentation = FcddAugmentation(size=self.image_size, resize=self.resize)
 

@@ -90,8 +90,9 @@ def smooth_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
     The same values as torchvision's ``Resize(antialias=True)`` (float rounding aside), from shape arithmetic and
     ``matmul`` only, so eager torch, ONNX Runtime and OpenVINO agree for every input size: exporters turn ``Resize``
-    into a resize without antialiasing, which aliases when shrinking. Costs ``C * h * H * W`` multiply-adds (0.7 G for
-    a 1024 x 1024 image to 224), well under the network's own.
+    into a resize without antialiasing, which aliases when shrinking. The price is dense arithmetic: about
+    ``C * h * H * W`` multiply-adds (0.9 G for a 1024 x 1024 image to 224, more than the default network's own),
+    where the nearest gather costs nothing.
     """
     height = torch.scalar_tensor(images.shape[-2], dtype=torch.int64, device=images.device)
     width = torch.scalar_tensor(images.shape[-1], dtype=torch.int64, device=images.device)
