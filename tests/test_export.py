@@ -92,7 +92,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     seed_everything(0, workers=True)
     category = "bottle" if source else "synthetic"
     datamodule = MVTec(root=root, category=category, train_batch_size=8, eval_batch_size=8, num_workers=0)
-    model = FcddHsc(pre_trained=False, epochs=1, passes_per_epoch=1, lr=0.01)
+    model = FcddHsc(epochs=1, passes_per_epoch=1, lr=0.01)  # the offline ImageNet weights, as users get them
     engine = Engine(
         default_root_dir=tmp_path_factory.mktemp("export_run"),
         logger=False,
@@ -179,15 +179,16 @@ def score_tolerance(model: Any) -> float:
 # Export
 # ---------------------------------------------------------------------------------------------------------------------
 def test_engine_export_writes_whole_pipeline(exported: dict[str, Path]) -> None:
-    """All formats are written; the ONNX graph holds resize, LCN, network, pseudo-Huber, upsampling and thresholds."""
+    """All formats are written; the ONNX graph holds resize, input normalisation, network, pseudo-Huber, upsampling and
+    thresholds."""
     for path in exported.values():
         assert path.is_file()
     assert exported["openvino"].with_suffix(".bin").is_file()
     graph = onnx.load(str(exported["onnx"])).graph
     ops = {node.op_type for node in graph.node}
-    # LCN mean/abs/div, network, pseudo-Huber sqrt, Gaussian conv-transpose, normalisation clip, and the resize
-    # (an ONNX Resize, or the exact index gather of FcddPreProcessor.forward)
-    assert {"ReduceMean", "Abs", "Div", "Conv", "Sqrt", "ConvTranspose", "Clip"} <= ops, ops
+    # the weights' mean/std (sub/div), network, pseudo-Huber sqrt, Gaussian conv-transpose, normalisation clip, and the
+    # resize (an ONNX Resize, or the exact index gather of FcddPreProcessor.forward)
+    assert {"Sub", "Div", "Conv", "Sqrt", "ConvTranspose", "Clip"} <= ops, ops
     assert ops & {"Resize", "Gather"}, ops
     assert [o.name for o in graph.output] == ["pred_score", "pred_label", "anomaly_map", "pred_mask"]
     dims = graph.input[0].type.tensor_type.shape.dim
@@ -361,8 +362,8 @@ def test_export_all_variants(trained: dict[str, Any], tmp_path: Path) -> None:
     assert sizes["openvino_int8"] < 0.35 * sizes["openvino_fp32"]
     images = np.stack([load_rgb(path) for path in trained["parity"][:2]])
     reference = run_openvino(artefacts["openvino_fp32"].path, images)["anomaly_map"].ravel()
-    # INT8_PTQ of this random-backbone, one-pass model tracks less closely (see the INT8_PTQ test above).
-    bounds = {"openvino_fp16": 0.9, "openvino_int8": 0.9, "openvino_int8_ptq": 0.75 if trained["real_images"] else None}
+    # INT8_PTQ flattens the map of a model trained on generated images only (see the INT8_PTQ test above).
+    bounds = {"openvino_fp16": 0.9, "openvino_int8": 0.9, "openvino_int8_ptq": 0.95 if trained["real_images"] else None}
     for name, bound in bounds.items():
         if bound is None:
             continue  # INT8_PTQ_SYNTHETIC
@@ -405,9 +406,9 @@ def test_int8_ptq_quantises_only_the_convolutions(trained: dict[str, Any], tmp_p
     quantised = run_openvino(artefact.path, images)["anomaly_map"].ravel()
     if not trained["real_images"]:
         pytest.xfail(INT8_PTQ_SYNTHETIC)
-    # The module's model has a random multi-scale backbone trained for one pass (0.81 measured on bottle; a VGG-11-BN
-    # one gave above 0.9): the bound guards against a broken quantisation.
-    assert np.corrcoef(reference, quantised)[0, 1] > 0.75
+    # The module's model has the pretrained multi-scale backbone and four heads trained for one pass: 0.993 measured on
+    # bottle (0.997 with one head; a random backbone tracks loosely, 0.34-0.78). The bound catches a broken quantisation.
+    assert np.corrcoef(reference, quantised)[0, 1] > 0.95
 
 
 # ---------------------------------------------------------------------------------------------------------------------

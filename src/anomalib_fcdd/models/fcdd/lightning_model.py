@@ -54,7 +54,7 @@ from .pre_processing import (
     resize_transform,
     resolve_minmax,
 )
-from .torch_model import FcddModel, check_head, check_image_score
+from .torch_model import FcddModel, check_head, check_heads, check_image_score
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,8 @@ def check_options(options: Mapping[str, Any]) -> None:
         check_head(options["head"])
     if options.get("image_score") is not None:
         check_image_score(options["image_score"])
+    if options.get("heads") is not None:
+        check_heads(options["heads"])
     if options.get("anomaly_fill") is not None:
         check_fill(options["anomaly_fill"])
     for name, (allowed, wording) in NUMBER_RANGES.items():
@@ -179,7 +181,7 @@ class FcddHsc(AnomalibModule):
         frozen_bn_train_mode: keep frozen BatchNorm layers in train mode while training (reference behaviour).
 
     ``optimizer``, ``lr``, ``lr_decay``, ``lr_schedule``, ``epochs``, ``passes_per_epoch``, ``frozen_bn_train_mode``,
-    ``head``, ``image_score``, ``anomaly_fill`` and ``feature_noise`` left unset take the backbone's measured defaults
+    ``head``, ``heads``, ``image_score``, ``anomaly_fill`` and ``feature_noise`` left unset take the backbone's measured defaults
     (``backbones.TRAINING_DEFAULTS``; the paper's recipe for VGG-11-BN and the ResNets), so every backbone trains to
     its best accuracy in a bounded time.
         precision: Lightning precision; ``auto`` = ``bf16-mixed`` where bf16 is native (AMX/AVX512-BF16 CPUs, CUDA
@@ -192,6 +194,8 @@ class FcddHsc(AnomalibModule):
         resize: how images are brought to ``image_size`` (and to the 240/224-scaled training size): ``nearest``, the
             reference's, or antialiased ``bilinear``; the exported graph resizes the same way.
         head: ``linear`` (the paper's 1x1 convolution) or ``mlp`` (two 1x1 convolutions, BatchNorm and ReLU between).
+        heads: how many such heads train side by side, each from its own random start and on its own loss; the map
+            is the mean of theirs (:class:`~.torch_model.FcddModel`). Averaging evens out the start each one depends on.
         image_score: ``mean`` of the low-resolution map (the reference's) or ``max`` of the upsampled map.
         feature_noise: relative size of the feature-space anomalies scored alongside every training batch (its
             features plus Gaussian noise, :mod:`.feature_anomalies`; not in the paper); 0 turns them off.
@@ -227,6 +231,7 @@ class FcddHsc(AnomalibModule):
         input_normalization: str = "auto",
         resize: str = "nearest",
         head: str | None = None,
+        heads: int | None = None,
         image_score: str | None = None,
         feature_noise: float | None = None,
         pre_processor: PreProcessor | bool = True,
@@ -278,6 +283,7 @@ class FcddHsc(AnomalibModule):
             accelerate=accelerate,
             input_normalization=input_normalization,
             head=_chosen(head, defaults.head),
+            heads=_chosen(heads, defaults.heads),
             image_score=_chosen(image_score, defaults.image_score),
             feature_noise=_chosen(feature_noise, defaults.feature_noise),
         )

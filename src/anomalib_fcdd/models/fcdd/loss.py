@@ -144,8 +144,19 @@ class FcddLoss(nn.Module):
     def forward(
         self, anomaly_map: torch.Tensor, mask: torch.Tensor, feature_anomalies: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Loss of a batch: ``anomaly_map`` and ``mask`` are ``B x [1 x] H x W``; ``feature_anomalies``, the map of
-        the noisy feature copies, adds :func:`feature_anomaly_loss`."""
+        """Loss of a batch: ``anomaly_map`` is ``B x [K x] H x W`` and ``mask`` ``B x [1 x] H x W``;
+        ``feature_anomalies``, the map of the noisy feature copies, adds :func:`feature_anomaly_loss`.
+
+        ``K`` maps per image (one per head, ``FcddModel(heads=K)``) give the mean of the K heads' losses: each map is
+        scored as an image of its own against the image's mask. Every loss here is a mean over images (or over all
+        pixels of equal-sized images), so this is exactly ``(1/K) sum_k loss(A_k, Y)``.
+        """
+        if anomaly_map.dim() == 4 and anomaly_map.shape[1] > 1:
+            heads = anomaly_map.shape[1]
+            if mask.dim() == 3:
+                mask = mask.unsqueeze(1)
+            anomaly_map = anomaly_map.reshape(-1, 1, *anomaly_map.shape[-2:])
+            mask = mask.repeat_interleave(heads, dim=0)
         loss = self._loss(anomaly_map, mask, self.eps)
         if feature_anomalies is not None:
             loss = loss + feature_anomaly_loss(feature_anomalies, self.eps)

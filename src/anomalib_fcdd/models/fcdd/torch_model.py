@@ -2,8 +2,9 @@
 
 For an image ``x`` in [0, 1] the network computes::
 
-    phi = head(features(normalise(x)))        B x 1 x h x w   (h = H / 8 for the stride-8 backbones)
-    H   = sqrt(phi^2 + 1) - 1                 pseudo-Huber distance to the hypersphere centre (the origin)
+    phi = head(features(normalise(x)))        B x K x h x w   (h = H / 8 for the stride-8 backbones)
+    H   = mean_k sqrt(phi_k^2 + 1) - 1        B x 1 x h x w   pseudo-Huber distance to the hypersphere centre (the
+                                                              origin), averaged over the K heads (K = 1: the paper)
     A   = upsample(H)                         B x 1 x H x W   Gaussian receptive-field upsampling
 
 In eval mode it returns anomalib's ``InferenceBatch`` with ``anomaly_map = A`` and the image score ``pred_score``:
@@ -32,11 +33,11 @@ logger = logging.getLogger(__name__)
 
 
 class FcddTrainOutput(NamedTuple):
-    """What the network returns in train mode."""
+    """What the network returns in train mode: one channel per head (``heads``)."""
 
-    low_res: torch.Tensor  # H, B x 1 x h x w
-    anomaly_map: torch.Tensor  # A, B x 1 x H x W
-    #: H of the noisy copies of the batch's features (B x 1 x h x w, every pixel anomalous; :mod:`.feature_anomalies`),
+    low_res: torch.Tensor  # H, B x heads x h x w
+    anomaly_map: torch.Tensor  # A, B x heads x H x W
+    #: H of the noisy copies of the batch's features (B x heads x h x w, every pixel anomalous; :mod:`.feature_anomalies`),
     #: ``None`` when ``feature_noise`` is 0.
     feature_anomalies: torch.Tensor | None = None
 
@@ -68,15 +69,30 @@ def check_head(name: str) -> str:
     return name
 
 
-def build_head(name: str, channels: int) -> nn.Module:
-    """The map from a ``channels``-long feature vector to the scalar ``phi`` (see :data:`HEADS`)."""
+def check_heads(count: int) -> int:
+    """``count`` if it is a positive number of heads, else a :class:`ConfigurationError`."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ConfigurationError(f"heads must be a whole number of at least 1 (--model.heads), got {count!r}.")
+    return count
+
+
+def build_head(name: str, channels: int, heads: int = 1) -> nn.Module:
+    """``heads`` independent maps from a ``channels``-long feature vector to a scalar ``phi`` each (see :data:`HEADS`).
+
+    The heads are one module, side by side: ``linear`` is one ``C -> heads`` convolution, ``mlp`` a ``C -> heads x 128``
+    convolution, BatchNorm and ReLU, then a grouped ``heads x 128 -> heads`` one, so head ``k`` sees only its own 128
+    hidden units. Each head's weights start from the same distribution a lone head's would, and with ``heads=1`` the
+    module (and its state dict) is the single head's.
+    """
+    check_heads(heads)
     if check_head(name) == "linear":
-        return nn.Conv2d(channels, 1, kernel_size=1, bias=True)
+        return nn.Conv2d(channels, heads, kernel_size=1, bias=True)
+    hidden = heads * MLP_HIDDEN
     return nn.Sequential(
-        nn.Conv2d(channels, MLP_HIDDEN, kernel_size=1),
-        nn.BatchNorm2d(MLP_HIDDEN),
+        nn.Conv2d(channels, hidden, kernel_size=1),
+        nn.BatchNorm2d(hidden),
         nn.ReLU(),
-        nn.Conv2d(MLP_HIDDEN, 1, kernel_size=1),
+        nn.Conv2d(hidden, heads, kernel_size=1, groups=heads),
     )
 
 
@@ -107,6 +123,9 @@ class FcddModel(nn.Module):
         image_score: ``mean`` of the low-resolution map (the reference's) or ``max`` of the upsampled map.
         feature_noise: while training, also score a copy of the batch's features moved off by Gaussian noise of this
             relative size, as anomalies (:mod:`.feature_anomalies`); 0 turns it off (the paper).
+        heads: number of heads trained side by side, each from its own random start and on its own loss; the map is
+            the mean of their pseudo-Huber maps, ``H = mean_k h(phi_k)``. One head's result depends on its start
+            (``benchmarks/results/offline/ANALYSIS.md``); the mean of several does much less.
     """
 
     def __init__(
@@ -123,6 +142,7 @@ class FcddModel(nn.Module):
         head: str = "linear",
         image_score: str = "mean",
         feature_noise: float = 0.0,
+        heads: int = 1,
     ) -> None:
         super().__init__()
         self.image_score = check_image_score(image_score)
@@ -136,7 +156,7 @@ class FcddModel(nn.Module):
         else:
             self.normalization = WeightsNormalization(built.input_mean, built.input_std)
         self.features = built.features
-        self.head = build_head(head, built.out_channels)
+        self.head = build_head(head, built.out_channels, heads)
         self.upsampler = ReceptiveFieldUpsampler(derive_receptive_field(self.features), gauss_std)
         self.missing_weights = built.missing_weights
         if self.missing_weights is not None:
@@ -187,8 +207,8 @@ class FcddModel(nn.Module):
             )
 
     def low_resolution_map(self, images: torch.Tensor) -> torch.Tensor:
-        """Pseudo-Huber map ``H`` (B x 1 x h x w) of [0, 1] images."""
-        return pseudo_huber(self.head_output(self.backbone_features(images)))
+        """Pseudo-Huber map ``H`` (B x 1 x h x w) of [0, 1] images: the mean over the heads of each one's map."""
+        return pseudo_huber(self.head_output(self.backbone_features(images))).mean(dim=1, keepdim=True)
 
     def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's feature map (B x C x h x w) of [0, 1] images: what the head scores."""
@@ -203,7 +223,7 @@ class FcddModel(nn.Module):
         return backbone(normalised)
 
     def head_output(self, features: torch.Tensor) -> torch.Tensor:
-        """``phi``, the 1x1 head's output, in fp32: every score is its pseudo-Huber distance to the origin.
+        """``phi``, the heads' outputs (B x heads x h x w), in fp32: every score is its pseudo-Huber distance to 0.
 
         Under bf16 autocast a conv rounds its output to bf16 (8 significant bits: the low-resolution map of one image
         would fall into a few hundred distinct values). At inference the head therefore runs in fp32 on the (exact)
@@ -227,17 +247,19 @@ class FcddModel(nn.Module):
         return InferenceBatch(pred_score=low_res.mean(dim=(1, 2, 3)), anomaly_map=anomaly_map)
 
     def training_output(self, images: torch.Tensor) -> FcddTrainOutput:
-        """Maps of a training batch and, with ``feature_noise``, of its noisy feature copies.
+        """Maps of a training batch and, with ``feature_noise``, of its noisy feature copies: one channel per head.
 
         The head scores both halves in one call, so its BatchNorm (``mlp`` head) normalises them with the same
-        statistics, as it will at inference.
+        statistics, as it will at inference. Each head keeps its own channel, so that each trains on its own loss.
         """
         features = self.backbone_features(images)
         if self.feature_noise is not None:
             features = torch.cat([features, self.feature_noise(features)])
         scores = pseudo_huber(self.head_output(features))
         low_res, noisy = scores[: len(images)], scores[len(images) :]
-        anomaly_map = self.upsampler(low_res, images.shape[-2:])
+        batch, heads = low_res.shape[:2]
+        per_head = self.upsampler(low_res.reshape(batch * heads, 1, *low_res.shape[-2:]), images.shape[-2:])
+        anomaly_map = per_head.view(batch, heads, *per_head.shape[-2:])
         return FcddTrainOutput(low_res, anomaly_map, noisy if self.feature_noise is not None else None)
 
 

@@ -55,6 +55,8 @@ class TrainingDefaults:
     epochs: int = 50
     passes_per_epoch: int = 10
     head: str = "linear"
+    #: Heads trained side by side and averaged (``FcddModel(heads=...)``): the paper's one.
+    heads: int = 1
     image_score: str = "mean"
     frozen_bn_train_mode: bool = True
     #: What fills the confetti blobs (``anomaly_generator.FILLS``): the paper's flat colours by default.
