@@ -406,8 +406,9 @@ def test_int8_ptq_quantises_only_the_convolutions(trained: dict[str, Any], tmp_p
     quantised = run_openvino(artefact.path, images)["anomaly_map"].ravel()
     if not trained["real_images"]:
         pytest.xfail(INT8_PTQ_SYNTHETIC)
-    # The module's model has the pretrained multi-scale backbone and four heads trained for one pass: 0.993 measured on
-    # bottle (0.997 with one head; a random backbone tracks loosely, 0.34-0.78). The bound catches a broken quantisation.
+    # The module's model has the pretrained multi-scale backbone and four heads trained for one pass: 0.993 measured
+    # on bottle (0.997 with one head; a random backbone tracks loosely, 0.34-0.78). The bound catches a broken
+    # quantisation.
     assert np.corrcoef(reference, quantised)[0, 1] > 0.95
 
 

@@ -82,7 +82,8 @@ def test_a_heads_loss_reaches_only_its_own_weights() -> None:
     head(torch.randn(3, 8, 5, 5))[:, 0].square().sum().backward()
     first, norm, _, second = head
     theirs = slice(MLP_HIDDEN, 2 * MLP_HIDDEN)
-    for gradient in (first.weight.grad[theirs], first.bias.grad[theirs], norm.weight.grad[theirs], second.weight.grad[1]):
+    others = (first.weight.grad[theirs], first.bias.grad[theirs], norm.weight.grad[theirs], second.weight.grad[1])
+    for gradient in others:
         assert torch.count_nonzero(gradient) == 0
     assert torch.count_nonzero(first.weight.grad[:MLP_HIDDEN]) > 0
 
@@ -139,7 +140,8 @@ def test_training_keeps_one_map_per_head() -> None:
     assert output.low_res.shape == output.feature_anomalies.shape == (3, 2, 8, 8)
     assert output.anomaly_map.shape == (3, 2, 64, 64)
     for k in range(2):  # each head's full map is the upsampling of its own low-resolution map
-        torch.testing.assert_close(output.anomaly_map[:, k : k + 1], model.upsampler(output.low_res[:, k : k + 1], (64, 64)))
+        own = model.upsampler(output.low_res[:, k : k + 1], (64, 64))
+        torch.testing.assert_close(output.anomaly_map[:, k : k + 1], own)
 
 
 @pytest.mark.parametrize("value", [0, -2, 1.5, True, "4"])

@@ -37,8 +37,8 @@ class FcddTrainOutput(NamedTuple):
 
     low_res: torch.Tensor  # H, B x heads x h x w
     anomaly_map: torch.Tensor  # A, B x heads x H x W
-    #: H of the noisy copies of the batch's features (B x heads x h x w, every pixel anomalous; :mod:`.feature_anomalies`),
-    #: ``None`` when ``feature_noise`` is 0.
+    #: H of the noisy copies of the batch's features (B x heads x h x w, every pixel anomalous;
+    #: :mod:`.feature_anomalies`), ``None`` when ``feature_noise`` is 0.
     feature_anomalies: torch.Tensor | None = None
 
 
