@@ -132,6 +132,10 @@ def build_model(name: str, input_size: int) -> Any:
     if name in {"fcdd_efficientnet_lite0", "fcdd_efficientnet_lite0_multiscale"}:
         backbone = name.removeprefix("fcdd_")
         return FcddHsc(backbone=backbone, image_size=input_size, epochs=1, passes_per_epoch=1)
+    if name == "fcdd_efficientnet_lite0_multiscale_1head":  # the ablation of the default's four heads
+        return FcddHsc(
+            backbone="efficientnet_lite0_multiscale", heads=1, image_size=input_size, epochs=1, passes_per_epoch=1
+        )
     if name in {"padim", "patchcore"}:
         return build_baseline(name, image_size=input_size)
     if name == "patchcore_wrn50":  # anomalib's default backbone; random weights (timing only, no offline weights)

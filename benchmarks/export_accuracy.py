@@ -1,13 +1,14 @@
 """Accuracy cost of compressing an exported FCDD: pixel and image AUROC of FP16 / INT8 / INT8_PTQ against FP32.
 
-Trains a short FCDD on an MVTec-AD category (bottle by default), exports it with
+Trains FCDD on an MVTec-AD category (bottle by default; the default backbone with its default budget unless
+``--epochs``/``--passes-per-epoch`` shorten it), exports it with
 :func:`anomalib_fcdd.deploy.export_all` (INT8_PTQ calibrated on the training images) and scores the whole test set with
 every OpenVINO artefact, at OpenVINO's f32 execution precision so that only the stored model differs. The FP32 IR is
 also compared with the eager torch model. Metrics are computed on what the deployed graph returns -- the normalised
 anomaly map at the model's resolution (224 x 224) against the nearest-resized ground-truth masks, and the normalised
 image score -- with scikit-learn's exact ``roc_auc_score`` over all pixels of the category.
 
-    .venv/bin/python benchmarks/export_accuracy.py [--epochs 1] [--passes-per-epoch 5] [--backbone efficientnet_lite0]
+    .venv/bin/python benchmarks/export_accuracy.py [--backbone efficientnet_lite0] [--epochs 1] [--passes-per-epoch 5]
 
 Writes ``benchmarks/results/export_accuracy.md``.
 """
@@ -39,10 +40,12 @@ logger = logging.getLogger("export_accuracy")
 
 
 def default_backbone() -> tuple[str, bool]:
-    """EfficientNet-Lite0 with its packaged ImageNet weights when the package has it, else VGG-11-BN from scratch."""
-    from anomalib_fcdd.models.fcdd.backbones import BACKBONES
+    """The package's default backbone with its packaged ImageNet weights."""
+    import inspect
 
-    return ("efficientnet_lite0", True) if "efficientnet_lite0" in BACKBONES else ("vgg11_bn", False)
+    from anomalib_fcdd import FcddHsc
+
+    return inspect.signature(FcddHsc).parameters["backbone"].default, True
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,8 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--backbone", default=backbone)
     parser.add_argument("--pre-trained", action=argparse.BooleanOptionalAction, default=pre_trained)
-    parser.add_argument("--epochs", type=int, default=1, help="paper epochs")
-    parser.add_argument("--passes-per-epoch", type=int, default=5, help="passes over the training set per epoch")
+    parser.add_argument("--epochs", type=int, default=None, help="paper epochs (default: the backbone's budget)")
+    parser.add_argument(
+        "--passes-per-epoch", type=int, default=None, help="passes per epoch (default: the backbone's budget)"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--calibration-images", type=int, default=300, help="training images calibrating INT8_PTQ")
@@ -190,6 +195,13 @@ def torch_runner(model: Any) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
 # ---------------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------------
+def model_arguments(args: argparse.Namespace) -> str:
+    """The ``FcddHsc`` arguments this run set; a budget left unset is the backbone's default."""
+    set_here = {"backbone": args.backbone, "pre_trained": args.pre_trained}
+    set_here |= {"epochs": args.epochs, "passes_per_epoch": args.passes_per_epoch}
+    return ", ".join(f"{name}={value!r}" for name, value in set_here.items() if value is not None)
+
+
 def report(args: argparse.Namespace, rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
     """Markdown for ``export_accuracy.md``."""
     reference = next(r for r in rows if r["name"] == "openvino_fp32")
@@ -201,8 +213,7 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], context: dict[s
         f"Machine: {context['machine']}  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in context["versions"].items()),
         "",
-        f"Model: `FcddHsc(backbone={args.backbone!r}, pre_trained={args.pre_trained}, epochs={args.epochs}, "
-        f"passes_per_epoch={args.passes_per_epoch})`, trained on MVTec-AD {args.category} "
+        f"Model: `FcddHsc({model_arguments(args)})`, trained on MVTec-AD {args.category} "
         f"({context['train_images']} training images, {context['train_seconds']:.0f} s), thresholds from validation "
         f"(= the test set, anomalib's `same_as_test`). Exported with `anomalib_fcdd.deploy.export_all` (dynamic input "
         f"size); INT8_PTQ calibrated on {min(args.calibration_images, context['train_images'])} training images. "

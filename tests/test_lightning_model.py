@@ -212,8 +212,8 @@ def _documented_training_defaults() -> dict[str, dict[str, str]]:
 
 
 def test_docs_table_of_training_defaults_matches_the_code() -> None:
-    """Every backbone is in the table of docs/backbones.md, with the optimiser, lr, budget, head and image score that
-    ``TRAINING_DEFAULTS`` gives it."""
+    """Every backbone is in the table of docs/backbones.md, with the optimiser, lr, budget, head (and how many) and
+    image score that ``TRAINING_DEFAULTS`` gives it."""
     from anomalib_fcdd.models.fcdd.backbones import BACKBONES, training_defaults
 
     documented = _documented_training_defaults()
@@ -232,6 +232,7 @@ def test_docs_table_of_training_defaults_matches_the_code() -> None:
         schedule = {"exponential": f"× {defaults.lr_decay} per paper epoch", "cosine": "cosine to 0"}
         assert schedule[defaults.lr_schedule] in row["optimiser, lr"], (name, row["optimiser, lr"])
         assert row["head"].lower().startswith(defaults.head), (name, row["head"])
+        assert (f"× {defaults.heads}" in row["head"]) == (defaults.heads > 1), (name, row["head"])
         score = {"mean": "mean of the low-resolution map", "max": "max of the upsampled map"}[defaults.image_score]
         assert row["image score"] == score, (name, row["image score"])
         assert row["anomaly fill"].startswith(defaults.anomaly_fill), (name, row["anomaly fill"])
