@@ -87,6 +87,12 @@ class ReceptiveFieldUpsampler(nn.Module):
             over rows and a ``1 x r`` one over columns -- the same sums up to float rounding (~1e-7 relative) at about
             ``2 / r`` of the work. A one-channel ``r x r`` transposed convolution has no fast kernel in oneDNN or
             OpenVINO's CPU plugin and otherwise dominates FCDD's run time. ``False`` runs the reference's 2-D form.
+
+    While training, the same sums run as two matrix products, ``out = U_H x U_W^T`` with ``U[y, i] = g[y + c - j i]``
+    (``g`` the 1-D window, ``c`` the crop start; 0 outside the window): the batch's size is fixed there and nothing is
+    exported, and the products skip the rows and columns the crop throws away. With four heads the transposed
+    convolutions and their gradients took about a quarter of a training step (``benchmarks/results/heads.md``).
+    Evaluation and export keep the convolutions, whose graph works for any input size.
     """
 
     def __init__(self, receptive_field: ReceptiveField, std: float = 12.0, separable: bool = True) -> None:
@@ -104,6 +110,7 @@ class ReceptiveFieldUpsampler(nn.Module):
         self.crop_start = (self.kernel_size - 1) // 2 - math.floor(receptive_field.offset)
         if self.crop_start < 0:
             raise ValueError(f"Receptive field {receptive_field} gives a negative crop; offset larger than r/2.")
+        self._matrices: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
     def forward(self, low_res: torch.Tensor, output_size: tuple[int, int] | torch.Size) -> torch.Tensor:
         """Upsample ``low_res`` (B x 1 x h x w) to ``output_size`` (H, W)."""
@@ -113,6 +120,10 @@ class ReceptiveFieldUpsampler(nn.Module):
             # Scores must not be rounded to bf16 (it would create ties in the pixel ranking): run in fp32.
             with torch.autocast(low_res.device.type, enabled=False):
                 return self.forward(low_res.float(), output_size)
+        if self.training:
+            rows = self.upsampling_matrix(low_res.shape[-2], output_size[0], low_res.device)
+            columns = self.upsampling_matrix(low_res.shape[-1], output_size[1], low_res.device)
+            return rows.to(low_res.dtype) @ low_res @ columns.T.to(low_res.dtype)
         stride = self.receptive_field.stride
         if self.separable:
             window = self.window.to(dtype=low_res.dtype)
@@ -127,3 +138,16 @@ class ReceptiveFieldUpsampler(nn.Module):
         full = F.pad(full, (0, stride, 0, stride))
         start = self.crop_start
         return full[:, :, start : start + height, start : start + width]
+
+    def upsampling_matrix(self, low: int, high: int, device: torch.device) -> torch.Tensor:
+        """``high x low`` matrix of one axis: ``U[y, i] = g[y + c - j i]``, 0 where that is outside the window."""
+        key = (low, high, device)
+        if key not in self._matrices:
+            if len(self._matrices) >= 8:  # a few training sizes at most; never grows without bound
+                self._matrices.clear()
+            taps = torch.arange(high)[:, None] + self.crop_start - self.receptive_field.stride * torch.arange(low)
+            inside = (taps >= 0) & (taps < self.kernel_size)
+            window = self.window.cpu()
+            matrix = torch.where(inside, window[taps.clamp(0, self.kernel_size - 1)], torch.zeros(()))
+            self._matrices[key] = matrix.to(device)
+        return self._matrices[key]
