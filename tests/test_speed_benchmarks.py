@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from benchmarks import bench_training, paper_timing
+from benchmarks import bench_heads, bench_training, paper_timing
 
 
 @pytest.mark.slow
@@ -91,3 +91,23 @@ def test_full_category_memory_reports_fit_time_rss_and_pss(synthetic_root: Path,
     assert memory["worker_gib"] > 0, "two DataLoader workers ran"
     if Path("/proc/self/smaps_rollup").exists():
         assert 0.2 < memory["total_pss_gib"] < memory["main_gib"] + 2 * memory["worker_gib"]
+
+
+def test_heads_report_gives_medians_spreads_and_their_ratio() -> None:
+    samples = {
+        1: {"train": [10.0, 30.0, 20.0], "infer": [40.0, 40.0, 50.0]},
+        4: {"train": [5.0, 15.0, 10.0], "infer": [40.0, 60.0, 80.0]},
+    }
+    section = bench_heads.report(samples, batch=16, rounds=3, command="python -m benchmarks.bench_heads")
+    assert "| 1 | 20.0 (10.0-30.0) | 40.0 (40.0-50.0) |" in section
+    assert "| 4 | 10.0 (5.0-15.0) | 60.0 (40.0-80.0) |" in section
+    assert "training 0.50x, inference 1.50x" in section  # medians 10/20 and 60/40
+
+
+@pytest.mark.slow
+def test_heads_benchmark_times_both_variants(tmp_path: Path) -> None:
+    output = tmp_path / "heads.md"
+    bench_heads.main(["--batch", "2", "--rounds", "1", "--output", str(output)])
+    rows = [line for line in output.read_text().splitlines() if line.startswith(("| 1 |", "| 4 |"))]
+    assert len(rows) == 2
+    assert all(float(row.split("|")[2].split()[0]) > 0 for row in rows)
