@@ -90,8 +90,8 @@ class ReceptiveFieldUpsampler(nn.Module):
 
     While training, the same sums run as two matrix products, ``out = U_H x U_W^T`` with ``U[y, i] = g[y + c - j i]``
     (``g`` the 1-D window, ``c`` the crop start; 0 outside the window): the batch's size is fixed there and nothing is
-    exported, and the products skip the rows and columns the crop throws away. With four heads the transposed
-    convolutions and their gradients took about a quarter of a training step (``benchmarks/results/heads.md``).
+    exported, and the products skip the rows and columns the crop throws away. With four heads this made a training
+    step about 16 % shorter, the whole bottle training 7 % (``benchmarks/results/heads.md``).
     Evaluation and export keep the convolutions, whose graph works for any input size.
     """
 
