@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import multiprocessing
 import statistics
 import sys
-import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -30,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make the benchmarks package importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_training import append_section, machine  # noqa: E402
+from benchmarks.bench_training import append_section, interleaved_timings, machine, serve_timings  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "heads.md"
 HEADS = (1, 4)
@@ -63,43 +61,12 @@ def _worker(heads: int, batch: int, connection: Connection) -> None:
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             model.model(test_images)
 
-    train()  # warm-up (oneDNN primitive creation)
-    connection.send("ready")
-    while (command := connection.recv()) != "stop":
-        if command == "infer" and model.model.training:
-            model.model.eval()
-            infer()
-        start = time.perf_counter()
-        train() if command == "train" else infer()
-        connection.send(batch / (time.perf_counter() - start))
+    serve_timings(connection, batch, train, infer, evaluate=model.model.eval)
 
 
 def measure(batch: int, rounds: int) -> dict[int, dict[str, list[float]]]:
     """Images/s per round, for training and inference, of each variant (interleaved)."""
-    context = multiprocessing.get_context("spawn")
-    workers = {}
-    for heads in HEADS:
-        parent_end, child_end = context.Pipe()
-        process = context.Process(target=_worker, args=(heads, batch, child_end), daemon=True)
-        process.start()
-        workers[heads] = (process, parent_end)
-    samples: dict[int, dict[str, list[float]]] = {heads: {"train": [], "infer": []} for heads in HEADS}
-    try:
-        for _, connection in workers.values():
-            connection.recv()  # "ready"
-        for kind in ("train", "infer"):
-            for _ in range(rounds):
-                for heads, (_, connection) in workers.items():
-                    connection.send(kind)
-                    samples[heads][kind].append(connection.recv())
-        for _, connection in workers.values():
-            connection.send("stop")
-    finally:
-        for process, _ in workers.values():
-            process.join(timeout=60)
-            if process.is_alive():
-                process.terminate()
-    return samples
+    return interleaved_timings({heads: (_worker, (heads, batch)) for heads in HEADS}, rounds)
 
 
 def report(samples: dict[int, dict[str, list[float]]], batch: int, rounds: int, command: str) -> str:

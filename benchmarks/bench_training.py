@@ -29,6 +29,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -125,48 +126,49 @@ def inference_macs_per_image(size: int = 224) -> float:
     return float(total)
 
 
-def _variant_process(variant: Variant, batch: int, connection: Connection) -> None:
-    """One variant in a process of its own, timing a step whenever the parent asks (``train`` / ``infer`` / ``stop``).
-
-    A process per variant keeps process-wide state apart: the heap one variant's steps leave behind would otherwise
-    shape the next one's allocations.
-    """
-    generator = torch.Generator().manual_seed(0)
-    train_images = torch.rand(batch, 3, 240, 240, generator=generator)
-    test_images = torch.rand(batch, 3, 224, 224, generator=generator)
-    model = build(variant)
-    optimizer = torch.optim.SGD([p for p in model.model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    train_step(model, optimizer, train_images, variant.bf16)  # warm-up (oneDNN primitive creation)
+def serve_timings(
+    connection: Connection,
+    batch: int,
+    train: Callable[[], None],
+    infer: Callable[[], None],
+    evaluate: Callable[[], None],
+) -> None:
+    """The child's side of :func:`interleaved_timings`: warm up, say ``ready``, then time a ``train`` step or an
+    ``infer`` call whenever the parent asks, and send back images/s, until ``stop``. ``evaluate`` switches the model
+    to eval mode before the first (untimed, warm-up) inference."""
+    train()  # warm-up (oneDNN primitive creation)
     connection.send("ready")
+    evaluating = False
     while (command := connection.recv()) != "stop":
-        if command == "infer" and model.model.training:
-            model.model.eval()
-            infer(model, test_images, variant.bf16)  # warm-up
+        if command == "infer" and not evaluating:
+            evaluate()
+            infer()  # warm-up
+            evaluating = True
         start = time.perf_counter()
-        if command == "train":
-            train_step(model, optimizer, train_images, variant.bf16)
-        else:
-            infer(model, test_images, variant.bf16)
+        train() if command == "train" else infer()
         connection.send(batch / (time.perf_counter() - start))
 
 
-def measure(variants: list[Variant], batch: int, rounds: int) -> dict[str, dict[str, float]]:
-    """Images/s for training and inference per variant (best of ``rounds`` interleaved rounds).
+def interleaved_timings(
+    workers: Mapping[Hashable, tuple[Callable[..., None], tuple[Any, ...]]], rounds: int
+) -> dict[Hashable, dict[str, list[float]]]:
+    """Images/s of every round, for training then inference, of each variant (``name -> (target, args)``).
 
-    Each variant lives in its own process; the parent lets them step one at a time, round by round, so that machine
-    noise hits them alike while nothing process-wide leaks between them.
+    Each variant lives in a process of its own (``target(*args, connection)``, which calls :func:`serve_timings`):
+    the heap one variant's steps leave behind would otherwise shape the next one's allocations. The parent lets them
+    step one at a time, round by round, so that machine noise hits them alike.
     """
     context = multiprocessing.get_context("spawn")
-    workers = {}
-    for variant in variants:
+    processes = {}
+    for name, (target, args) in workers.items():
         parent_end, child_end = context.Pipe()
-        process = context.Process(target=_variant_process, args=(variant, batch, child_end), daemon=True)
+        process = context.Process(target=target, args=(*args, child_end), daemon=True)
         process.start()
-        workers[variant.name] = (process, parent_end)
-    best: dict[str, dict[str, float]] = {v.name: {"train": 0.0, "infer": 0.0} for v in variants}
+        processes[name] = (process, parent_end)
+    samples: dict[Hashable, dict[str, list[float]]] = {name: {"train": [], "infer": []} for name in processes}
 
-    def reply(name: str) -> Any:
-        process, connection = workers[name]
+    def reply(name: Hashable) -> Any:
+        process, connection = processes[name]
         try:
             return connection.recv()
         except EOFError:
@@ -176,21 +178,43 @@ def measure(variants: list[Variant], batch: int, rounds: int) -> dict[str, dict[
             ) from None
 
     try:
-        for name in workers:
+        for name in processes:
             reply(name)  # "ready": built and warmed up
         for kind in ("train", "infer"):
             for _ in range(rounds):
-                for name, (_, connection) in workers.items():
+                for name, (_, connection) in processes.items():
                     connection.send(kind)
-                    best[name][kind] = max(best[name][kind], reply(name))
-        for _, connection in workers.values():
+                    samples[name][kind].append(reply(name))
+        for _, connection in processes.values():
             connection.send("stop")
     finally:
-        for process, _ in workers.values():
+        for process, _ in processes.values():
             process.join(timeout=60)
             if process.is_alive():
                 process.terminate()
-    return best
+    return samples
+
+
+def _variant_process(variant: Variant, batch: int, connection: Connection) -> None:
+    """One variant in a process of its own (:func:`serve_timings`)."""
+    generator = torch.Generator().manual_seed(0)
+    train_images = torch.rand(batch, 3, 240, 240, generator=generator)
+    test_images = torch.rand(batch, 3, 224, 224, generator=generator)
+    model = build(variant)
+    optimizer = torch.optim.SGD([p for p in model.model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    serve_timings(
+        connection,
+        batch,
+        train=lambda: train_step(model, optimizer, train_images, variant.bf16),
+        infer=lambda: infer(model, test_images, variant.bf16),
+        evaluate=model.model.eval,
+    )
+
+
+def measure(variants: list[Variant], batch: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Images/s for training and inference per variant: the best of ``rounds`` interleaved rounds."""
+    samples = interleaved_timings({v.name: (_variant_process, (v, batch)) for v in variants}, rounds)
+    return {name: {kind: max(values) for kind, values in kinds.items()} for name, kinds in samples.items()}
 
 
 CHILD = """
