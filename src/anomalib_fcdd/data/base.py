@@ -2,8 +2,9 @@
 
 :class:`CheckedDataModule` is a mixin for an anomalib ``AnomalibDataModule``: ``prepare_data()`` (which
 ``anomalib-fcdd`` calls before anomalib opens a results folder, and Lightning calls before training) and ``setup()``
-run the subclass's :meth:`~CheckedDataModule.validate_dataset` once, and the loaders keep their workers alive
-across epochs, since FCDD trains for hundreds of short passes.
+run the subclass's :meth:`~CheckedDataModule.validate_dataset` once; since FCDD trains for hundreds of short passes,
+the loaders keep their workers alive across epochs and the training images are decoded once and kept in memory
+(:mod:`.item_cache`, up to ``cache_mb``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .item_cache import DEFAULT_CACHE_MB
 
 #: Most DataLoader workers used by default; more rarely pays off for small images and costs host memory.
 MAX_DEFAULT_WORKERS = 8
@@ -58,6 +61,8 @@ class CheckedDataModule:
     #: Passes over the training set that one epoch of the training loader shuffles together (see
     #: :class:`RepeatedPassesSampler`); FCDD sets it to its ``passes_per_epoch`` for a paper-epoch budget.
     passes_per_loader: int = 1
+    #: Memory (MB) the training items decoded once and kept may take; 0 decodes every image on every pass.
+    cache_mb: float = DEFAULT_CACHE_MB
     num_workers: int
     train_batch_size: int
     eval_batch_size: int
@@ -80,8 +85,17 @@ class CheckedDataModule:
             self._validated = True
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled passes over the normal training images."""
+        """Shuffled passes over the normal training images (kept in memory after their first decoding)."""
+        self.keep_in_memory(self.train_data)
         return self._training_loader(self.train_data)
+
+    def keep_in_memory(self, *datasets: Any) -> None:
+        """Decode each of ``datasets`` once, now, and serve it from memory (:mod:`.item_cache`; up to ``cache_mb``
+        each). Datasets that cannot keep their items (not this package's, or random augmentations) are left as they
+        are."""
+        for dataset in datasets:
+            if hasattr(dataset, "keep_in_memory"):
+                dataset.keep_in_memory(self.cache_mb, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         """The validation images in anomalib's order, from workers that outlive each validation."""

@@ -23,6 +23,7 @@ from .base import CheckedDataModule, default_num_workers
 from .datasets import DecodingFolderDataset
 from .errors import DatasetError
 from .folder_layout import FolderLayout, validate_folder_layout
+from .item_cache import DEFAULT_CACHE_MB
 from .semi_supervised import FewAnomaliesMixin, select_anomalies
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class Folder(CheckedDataModule, AnomalibFolder):
         name: the dataset's name in the results path; default: ``root``'s folder name, else ``folder``.
         extensions: image suffixes read; default ``.png .jpg .jpeg .bmp .tif .tiff`` (any case).
         num_workers: DataLoader workers; ``None`` (default) uses the machine's cores, at most 8.
+        cache_mb: memory (MB) the training images may take once decoded and kept for the following passes
+            (:mod:`.item_cache`); 0 decodes every image on every pass.
         validate: check folders, images and masks before training.
         **kwargs: everything else ``anomalib.data.Folder`` accepts (``normal_split_ratio``, batch sizes, splits...).
     """
@@ -57,6 +60,7 @@ class Folder(CheckedDataModule, AnomalibFolder):
         extensions: Sequence[str] | None = None,
         num_workers: int | None = None,
         validate: bool = True,
+        cache_mb: float = DEFAULT_CACHE_MB,
         **kwargs: Any,
     ) -> None:
         if normal_dir is None:
@@ -73,6 +77,7 @@ class Folder(CheckedDataModule, AnomalibFolder):
             **kwargs,
         )
         self.validate = validate
+        self.cache_mb = cache_mb
         self._validated = False
 
     def layout(self) -> FolderLayout:

@@ -22,6 +22,7 @@ from anomalib.data.utils import Split
 
 from .base import CheckedDataModule, default_num_workers
 from .datasets import DecodingMVTecDataset
+from .item_cache import DEFAULT_CACHE_MB
 from .semi_supervised import FewAnomaliesMixin, ReplacingDataset, select_anomalies
 from .validation import validate_mvtec_layout
 
@@ -37,6 +38,8 @@ class MVTec(CheckedDataModule, MVTecAD):
         num_workers: DataLoader workers; ``None`` (default) uses the machine's cores, at most 8.
         download: fetch MVTec-AD when ``root/category`` is missing (needs internet). Off by default, so a wrong path
             is reported instead of starting a 5 GB download.
+        cache_mb: memory (MB) the training images may take once decoded and kept for the following passes
+            (:mod:`.item_cache`); 0 decodes every image on every pass.
         validate: check the layout, images and masks before training (a few seconds per category).
         **kwargs: everything ``anomalib.data.MVTecAD`` accepts.
     """
@@ -50,6 +53,7 @@ class MVTec(CheckedDataModule, MVTecAD):
         num_workers: int | None = None,
         download: bool = False,
         validate: bool = True,
+        cache_mb: float = DEFAULT_CACHE_MB,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -62,6 +66,7 @@ class MVTec(CheckedDataModule, MVTecAD):
         )
         self.download = download
         self.validate = validate
+        self.cache_mb = cache_mb
         self._validated = False
 
     def prepare_data(self) -> None:

@@ -68,6 +68,7 @@ class FewAnomaliesMixin:
         # The anomaly pool was split off before anomalib attached the model's resize to the training set; share it so
         # that normal and anomalous images arrive at the same size.
         self.anomaly_data.augmentations = self.train_data.augmentations
+        self.keep_in_memory(self.train_data, self.anomaly_data)  # type: ignore[attr-defined]
         dataset = ReplacingDataset(self.train_data, self.anomaly_data, self.anomaly_probability)
         return self._training_loader(dataset)  # type: ignore[attr-defined]
 

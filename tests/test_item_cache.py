@@ -1,0 +1,112 @@
+"""Training items decoded once and kept in memory (``anomalib_fcdd.data.item_cache``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.data.utils import Split
+from torchvision.transforms import v2
+
+from anomalib_fcdd.data import ImageDecodeError, MVTec, make_synthetic_mvtec
+from anomalib_fcdd.data.datasets import DecodingMVTecDataset
+from anomalib_fcdd.data.item_cache import is_deterministic, restore, store
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("cache")
+    make_synthetic_mvtec(folder, "part", n_train=6, n_test_good=2, n_test_defect=2, size=SIZE, seed=3)
+    return folder
+
+
+def training_set(root: Path, augmentations: object) -> DecodingMVTecDataset:
+    dataset = DecodingMVTecDataset(split=Split.TRAIN, root=root, category="part")
+    dataset.augmentations = augmentations
+    return dataset
+
+
+def test_only_fixed_maps_count_as_deterministic() -> None:
+    resize = v2.Resize((32, 32))
+    assert is_deterministic(None)
+    assert is_deterministic(resize)
+    assert is_deterministic(v2.Compose([resize, v2.Normalize([0.5] * 3, [0.5] * 3)]))
+    assert not is_deterministic(v2.RandomHorizontalFlip())
+    assert not is_deterministic(v2.Compose([resize, v2.RandomCrop(16)]))
+
+
+def test_eight_bit_images_are_stored_as_levels_and_restored_exactly() -> None:
+    levels = torch.randint(0, 256, (3, 5, 7), generator=torch.Generator().manual_seed(0))
+    image = levels.float() / 255
+    item = store(image, torch.ones(5, 7, dtype=torch.uint8))
+    assert item.levels and item.image.dtype == torch.uint8  # 105 bytes instead of 420
+    restored, mask = restore(item)
+    assert torch.equal(restored, image) and torch.equal(mask, torch.ones(5, 7, dtype=torch.uint8))
+    restored.zero_()  # a caller's in-place change does not reach what is kept
+    assert torch.equal(restore(item)[0], image)
+
+
+def test_other_images_are_stored_unchanged() -> None:
+    image = torch.full((3, 4, 4), 0.3)  # 0.3 * 255 = 76.5: no 8-bit level
+    item = store(image, None)
+    assert not item.levels and item.image.dtype == torch.float32
+    assert torch.equal(restore(item)[0], image) and restore(item)[1] is None
+
+
+def test_kept_items_equal_decoded_ones_and_no_longer_need_the_files(root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    dataset = training_set(copy, v2.Resize((32, 32), interpolation=v2.InterpolationMode.NEAREST))
+    decoded = [dataset[i] for i in range(len(dataset))]
+    dataset.keep_in_memory()
+    for path in (copy / "part" / "train" / "good").iterdir():
+        path.write_bytes(b"gone")  # any read from disk would now fail
+    for index, expected in enumerate(decoded):
+        item = dataset[index]
+        assert torch.equal(item.image, expected.image) and torch.equal(item.gt_mask, expected.gt_mask)
+        assert item.image.shape == (3, 32, 32) and item.image_path == expected.image_path
+    dataset.augmentations = v2.Resize((16, 16))  # other augmentations: the kept items no longer apply
+    with pytest.raises(ImageDecodeError, match="train/good"):
+        dataset[0]
+
+
+def test_memory_limit_keeps_whole_items_up_to_it(root: Path) -> None:
+    dataset = training_set(root, v2.Resize((32, 32), interpolation=v2.InterpolationMode.NEAREST))
+    per_item = 3 * 32 * 32 + 32 * 32  # 8-bit RGB levels and the 8-bit mask: 4096 bytes
+    dataset.keep_in_memory(limit_mb=3.5 * per_item / 2**20)
+    assert sorted(dataset.item_cache.items) == [0, 1, 2]
+    assert dataset.item_cache.size_bytes == 3 * per_item
+    assert torch.equal(dataset[5].image, training_set(root, dataset.augmentations)[5].image)  # decoded as before
+
+
+def test_random_augmentations_are_never_kept(root: Path) -> None:
+    dataset = training_set(root, v2.Compose([v2.Resize((32, 32)), v2.RandomHorizontalFlip()]))
+    dataset.keep_in_memory()
+    assert dataset.item_cache is None
+
+
+def test_filling_leaves_torch_random_stream_alone(root: Path) -> None:
+    """A run must draw the same confetti with and without the cache."""
+    dataset = training_set(root, v2.Resize((32, 32)))
+    torch.manual_seed(7)
+    dataset.keep_in_memory()
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(after, torch.rand(3))
+
+
+@pytest.mark.parametrize(("cache_mb", "kept"), [(None, 6), (0, None)])
+def test_training_loader_keeps_the_training_set(root: Path, cache_mb: float | None, kept: int | None) -> None:
+    options = {} if cache_mb is None else {"cache_mb": cache_mb}
+    datamodule = MVTec(root=root, category="part", train_batch_size=4, num_workers=0, **options)
+    datamodule.setup()
+    datamodule.train_data.augmentations = v2.Resize((32, 32))
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch.image.shape == (4, 3, 32, 32)
+    cache = datamodule.train_data.item_cache
+    assert (None if cache is None else len(cache.items)) == kept
