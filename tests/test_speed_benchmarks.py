@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from benchmarks import bench_heads, bench_training, paper_timing
+from benchmarks import bench_data_cache, bench_heads, bench_training, paper_timing
 
 
 @pytest.mark.slow
@@ -111,3 +111,21 @@ def test_heads_benchmark_times_both_variants(tmp_path: Path) -> None:
     rows = [line for line in output.read_text().splitlines() if line.startswith(("| 1 |", "| 4 |"))]
     assert len(rows) == 2
     assert all(float(row.split("|")[2].split()[0]) > 0 for row in rows)
+
+
+def test_data_cache_benchmark_names_a_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_data_cache.main(["--mvtec-root", str(tmp_path / "nowhere"), "--output", str(tmp_path / "c.md")]) == 2
+    assert "--mvtec-root" in capsys.readouterr().err
+    assert not (tmp_path / "c.md").exists()
+
+
+@pytest.mark.slow
+def test_data_cache_benchmark_times_both_variants(synthetic_root: Path, tmp_path: Path) -> None:
+    output = tmp_path / "cache.md"
+    arguments = ["--mvtec-root", str(synthetic_root), "--category", "synthetic", "--passes", "1", "--rounds", "1"]
+    assert bench_data_cache.main([*arguments, "--workdir", str(tmp_path / "w"), "--output", str(output)]) == 0
+    rows = [
+        line for line in output.read_text().splitlines() if line.startswith("| kept") or line.startswith("| decoded")
+    ]
+    assert len(rows) == 2
+    assert all(float(row.split("|")[2].split()[0]) > 0 and float(row.split("|")[4]) > 0.1 for row in rows)
