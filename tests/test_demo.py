@@ -235,7 +235,9 @@ def test_demo_trains_the_packages_default_model_unless_told_otherwise() -> None:
     default = build_model(TrainSettings())
     assert default.model.backbone_name == "efficientnet_lite0_multiscale"
     assert (default.optimizer_name, default.lr, default.lr_schedule, default.steps) == ("adam", 1e-3, "cosine", 500)
-    assert budget_text(TrainSettings()) == "500 steps of 16 images"
+    assert budget_text(TrainSettings()) == (
+        "500 steps of 16 images (20 passes over more than 400 training images, at most 1000 steps)"
+    )
     chosen = TrainSettings(backbone="efficientnet_lite0", epochs=3, lr=0.01, lr_decay=0.9)
     model = build_model(chosen)
     assert (model.epochs, model.passes_per_epoch, model.steps, model.lr, model.lr_decay) == (3, 1, None, 0.01, 0.9)

@@ -251,3 +251,40 @@ def test_feature_noise_scale_is_the_spread_of_the_training_features(synthetic_ro
         features = model.model.backbone_features(Resize(64, interpolation=InterpolationMode.NEAREST)(images))
     expected = features.transpose(0, 1).flatten(1).std(dim=1, correction=0)
     torch.testing.assert_close(model.model.feature_noise.spread, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_step_budget_grows_to_the_backbones_passes_over_a_large_training_set(
+    synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``min_passes`` passes over the 16 training images at batch 5 take ceil(3 * 16 / 5) = 10 steps: above the
+    4-step floor and under the 12-step cap, so the run takes 10 steps, validates once, at its end, and its cosine
+    schedule spans the 10 steps."""
+    import dataclasses
+    import math
+
+    from lightning.pytorch import Callback
+
+    from anomalib_fcdd.models.fcdd import backbones
+
+    defaults = backbones.TRAINING_DEFAULTS["efficientnet_lite0_multiscale"]
+    small = dataclasses.replace(defaults, steps=4, min_passes=3, max_steps=12, heads=1, feature_noise=0.0)
+    monkeypatch.setitem(backbones.TRAINING_DEFAULTS, "efficientnet_lite0", small)
+    rates: list[float] = []
+    validations: list[int] = []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer: object, module: FcddHsc, batch: object, batch_idx: int) -> None:
+            rates.append(module.optimizers().param_groups[0]["lr"])
+
+        def on_validation_epoch_end(self, trainer: object, module: FcddHsc) -> None:
+            validations.append(module.global_step)
+
+    datamodule = MVTec(root=synthetic_root, category="synthetic", train_batch_size=5, eval_batch_size=8, num_workers=0)
+    model = FcddHsc(backbone="efficientnet_lite0", pre_trained=False, image_size=32)
+    assert model.trainer_arguments["max_steps"] == 4  # the floor, until the training set is known
+    engine = Engine(default_root_dir=tmp_path, logger=False, accelerator="cpu", enable_progress_bar=False,
+                    callbacks=[Record()])  # fmt: skip
+    engine.fit(model, datamodule=datamodule)
+    assert len(rates) == 10 and model.global_step == 10
+    assert validations == [10]
+    assert rates == pytest.approx([small.lr * (1 + math.cos(math.pi * k / 10)) / 2 for k in range(10)])

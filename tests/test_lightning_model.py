@@ -250,3 +250,22 @@ def test_lr_schedule_is_checked_and_lr_decay_under_cosine_is_reported(caplog: py
     with caplog.at_level("WARNING"):
         FcddHsc(pre_trained=False, lr_decay=0.9)
     assert "lr_decay=0.9 is not used" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("images", "batch", "steps"),
+    [
+        (96, 16, 500),  # 20 passes are 120 steps: the 500-step floor (the demo textures)
+        (209, 16, 500),  # 262 steps (MVTec-AD bottle)
+        (500, 16, 625),  # 20 * 500 / 16
+        (801, 16, 1000),  # 1001.25 steps, capped
+        (5000, 32, 1000),  # the cap bounds the time on a large training set
+        (None, 16, 500),  # the size is unknown: the floor
+    ],
+)
+def test_default_budget_is_20_passes_within_500_to_1000_steps(images: int | None, batch: int, steps: int) -> None:
+    """What README and docs/backbones.md say the default budget of ``efficientnet_lite0_multiscale`` is."""
+    from anomalib_fcdd.models.fcdd.backbones import training_defaults
+
+    assert training_defaults("efficientnet_lite0_multiscale").step_budget(images, batch) == steps
+    assert training_defaults("vgg11_bn").step_budget(images, batch) is None  # a pass budget (the paper's)

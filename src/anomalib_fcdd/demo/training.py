@@ -144,12 +144,18 @@ def build_model(settings: TrainSettings) -> Any:
 
 
 def budget_text(settings: TrainSettings) -> str:
-    """The training budget in words, as the model will run it: ``500 steps of 16 images`` or ``20 epochs``."""
+    """The training budget in words, as the model will run it: ``500 steps of 16 images (...)`` or ``20 epochs``."""
     from anomalib_fcdd.models.fcdd.backbones import training_defaults
 
     if settings.epochs is not None:
         return f"{settings.epochs} epochs"
     defaults = training_defaults(settings.backbone)
+    if defaults.steps is not None and defaults.min_passes:
+        above = defaults.steps * settings.batch_size // defaults.min_passes
+        return (
+            f"{defaults.steps} steps of {settings.batch_size} images ({defaults.min_passes} passes over more than "
+            f"{above} training images, at most {defaults.max_steps} steps)"
+        )
     if defaults.steps is not None:
         return f"{defaults.steps} steps of {settings.batch_size} images"
     return f"{defaults.epochs * defaults.passes_per_epoch} epochs"

@@ -268,6 +268,7 @@ class FcddHsc(AnomalibModule):
         self.passes_per_epoch = _chosen(passes_per_epoch, defaults.passes_per_epoch)
         # A step budget (bounded time whatever the dataset's size) applies unless the user sets a pass budget.
         self.steps = defaults.steps if epochs is None and passes_per_epoch is None else None
+        self._training_defaults = defaults
         #: Trainer epochs per paper epoch: ``passes_per_epoch``, or 1 where the datamodule shuffles the passes of a
         #: paper epoch together (:meth:`_batch_paper_epochs`).
         self.trainer_epochs_per_paper_epoch = self.passes_per_epoch
@@ -486,6 +487,7 @@ class FcddHsc(AnomalibModule):
         self._adopt_input_size()
         if stage == "fit" and self._trainer is not None:
             self._batch_paper_epochs()
+            self._scale_step_budget()
         if self.precision != "auto" or self._trainer is None:
             return
         strategy = self.trainer.strategy
@@ -497,6 +499,25 @@ class FcddHsc(AnomalibModule):
         if wanted != plugin.precision:
             strategy.precision_plugin = Precision() if wanted == "32-true" else MixedPrecision("bf16-mixed", device)
             logger.info("FCDD: precision 'auto' on %s is %s, not %s.", device, wanted, plugin.precision)
+
+    def _scale_step_budget(self) -> None:
+        """Raise a step budget to the backbone's ``min_passes`` over a large training set (at most ``max_steps``;
+        :meth:`~.backbones.base.TrainingDefaults.step_budget`), once the datamodule says how many images it holds."""
+        if self.steps is None:
+            return
+        datamodule = self.trainer.datamodule
+        dataset = getattr(datamodule, "train_data", None)
+        images = len(dataset) if dataset is not None else None
+        batch_size = getattr(datamodule, "train_batch_size", None)
+        steps = self._training_defaults.step_budget(images, batch_size)
+        if steps is None or steps == self.steps or not images or not batch_size:
+            return
+        logger.info(
+            "FCDD: %d training steps for %d training images (%.0f passes).", steps, images, steps * batch_size / images
+        )
+        self.steps = steps
+        self.trainer.fit_loop.epoch_loop.max_steps = steps
+        self.trainer.val_check_interval = steps
 
     def _batch_paper_epochs(self) -> None:
         """Make one trainer epoch one paper epoch, batched as the reference batches it, where the datamodule can.

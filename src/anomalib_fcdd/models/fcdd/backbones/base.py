@@ -63,8 +63,19 @@ class TrainingDefaults:
     anomaly_fill: str = "colour"
     #: Relative size of the feature-space anomalies (:mod:`..feature_anomalies`); 0 = none, as in the paper.
     feature_noise: float = 0.0
-    #: Optimiser steps as the budget instead of ``epochs x passes_per_epoch`` (bounded time whatever the data's size).
+    #: Optimiser steps as the budget instead of ``epochs x passes_per_epoch``; raised to ``min_passes`` passes over a
+    #: large training set, but never beyond ``max_steps`` (bounded time whatever the data's size).
     steps: int | None = None
+    min_passes: int = 0
+    max_steps: int | None = None
+
+    def step_budget(self, training_images: int | None, batch_size: int | None) -> int | None:
+        """``steps``, or as many as ``min_passes`` passes over ``training_images`` take at ``batch_size``, capped at
+        ``max_steps``: ``min(max(steps, ceil(min_passes * N / B)), max_steps)``. Unknown sizes keep ``steps``."""
+        if self.steps is None or not training_images or not batch_size or not self.min_passes:
+            return self.steps
+        passes = -(-self.min_passes * training_images // batch_size)
+        return min(max(self.steps, passes), self.max_steps or self.steps)
 
 
 BackboneBuilder = Callable[[bool, "str | None", "int | None"], Backbone]
