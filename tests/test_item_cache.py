@@ -11,7 +11,7 @@ from torchvision.transforms import v2
 
 from anomalib_fcdd.data import ImageDecodeError, MVTec, make_synthetic_mvtec
 from anomalib_fcdd.data.datasets import DecodingMVTecDataset
-from anomalib_fcdd.data.item_cache import is_deterministic, restore, store
+from anomalib_fcdd.data.item_cache import ALIGNMENT, BLOCK_BYTES, Arena, is_deterministic, restore, store
 
 SIZE = 64
 
@@ -110,3 +110,22 @@ def test_training_loader_keeps_the_training_set(root: Path, cache_mb: float | No
     assert batch.image.shape == (4, 3, 32, 32)
     cache = datamodule.train_data.item_cache
     assert (None if cache is None else len(cache.items)) == kept
+
+
+def test_arena_packs_copies_into_shared_blocks() -> None:
+    """Kept tensors live in 64 MiB blocks (their own mappings, returned to the system with the cache), each copy
+    starting on a 64-byte boundary; a tensor larger than a block gets a copy of its own."""
+    arena = Arena()
+    first = torch.arange(100, dtype=torch.uint8).view(10, 10)
+    second = torch.linspace(0, 1, 30).view(3, 10)
+    copies = [arena.copy(first), arena.copy(second)]
+    assert torch.equal(copies[0], first) and torch.equal(copies[1], second) and copies[1].dtype == torch.float32
+    assert len(arena.blocks) == 1 and arena.blocks[0].numel() == BLOCK_BYTES
+    assert copies[1].untyped_storage().data_ptr() == arena.blocks[0].untyped_storage().data_ptr()
+    assert arena.used == 128 + 128  # 100 bytes and 120 bytes, each rounded up to the 64-byte alignment
+    assert arena.used % ALIGNMENT == 0
+    first.zero_()
+    assert int(copies[0].sum()) == sum(range(100))  # a copy, not a view of the original
+    huge = torch.empty(BLOCK_BYTES + 1, dtype=torch.uint8)
+    assert arena.copy(huge).untyped_storage().data_ptr() != arena.blocks[0].untyped_storage().data_ptr()
+    assert len(arena.blocks) == 1
