@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -254,7 +255,7 @@ def test_feature_noise_scale_is_the_spread_of_the_training_features(synthetic_ro
 
 
 def test_step_budget_grows_to_the_backbones_passes_over_a_large_training_set(
-    synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``min_passes`` passes over the 16 training images at batch 5 take ceil(3 * 16 / 5) = 10 steps: above the
     4-step floor and under the 12-step cap, so the run takes 10 steps, validates once, at its end, and its cosine
@@ -284,7 +285,10 @@ def test_step_budget_grows_to_the_backbones_passes_over_a_large_training_set(
     assert model.trainer_arguments["max_steps"] == 4  # the floor, until the training set is known
     engine = Engine(default_root_dir=tmp_path, logger=False, accelerator="cpu", enable_progress_bar=False,
                     callbacks=[Record()])  # fmt: skip
-    engine.fit(model, datamodule=datamodule)
+    with caplog.at_level("INFO", logger="anomalib_fcdd.models.fcdd.lightning_model"):
+        engine.fit(model, datamodule=datamodule)
     assert len(rates) == 10 and model.global_step == 10
+    assert "FCDD: 10 training steps for 16 training images (3 passes)." in caplog.text
+    assert re.search(r"FCDD: 10 training steps in all; about \d+\.\d min at the pace of steps 2-6\.", caplog.text)
     assert validations == [10]
     assert rates == pytest.approx([small.lr * (1 + math.cos(math.pi * k / 10)) / 2 for k in range(10)])
