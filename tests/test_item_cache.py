@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from anomalib.data.utils import Split
+from lightning.pytorch import Callback
 from torchvision.transforms import v2
 
 from anomalib_fcdd.data import ImageDecodeError, MVTec, make_synthetic_mvtec
@@ -129,3 +130,23 @@ def test_arena_packs_copies_into_shared_blocks() -> None:
     huge = torch.empty(BLOCK_BYTES + 1, dtype=torch.uint8)
     assert arena.copy(huge).untyped_storage().data_ptr() != arena.blocks[0].untyped_storage().data_ptr()
     assert len(arena.blocks) == 1
+
+
+def test_kept_images_are_dropped_when_training_ends(root: Path, tmp_path: Path) -> None:
+    from anomalib.engine import Engine
+
+    from anomalib_fcdd import FcddHsc
+
+    datamodule = MVTec(root=root, category="part", train_batch_size=4, eval_batch_size=4, num_workers=0)
+    kept: list[int] = []
+
+    class Spy(Callback):
+        def on_train_batch_start(self, trainer: object, module: object, batch: object, batch_idx: int) -> None:
+            kept.append(len(datamodule.train_data.item_cache.items))
+
+    model = FcddHsc(backbone="efficientnet_lite0", pre_trained=False, image_size=32, epochs=1, passes_per_epoch=1)
+    engine = Engine(default_root_dir=tmp_path, logger=False, accelerator="cpu", enable_progress_bar=False,
+                    callbacks=[Spy()], limit_val_batches=0)  # fmt: skip
+    engine.fit(model, datamodule=datamodule)
+    assert kept and set(kept) == {6}  # all 6 training images were served from memory
+    assert datamodule.train_data.item_cache is None

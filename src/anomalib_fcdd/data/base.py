@@ -89,6 +89,15 @@ class CheckedDataModule:
         self.keep_in_memory(self.train_data)
         return self._training_loader(self.train_data)
 
+    def teardown(self, stage: str | None = None) -> None:
+        """When training ends, drop the kept training images: whoever still holds the datamodule (a notebook, a loop
+        over categories) does not hold them too."""
+        if stage in {"fit", None}:
+            for dataset in (getattr(self, "train_data", None), getattr(self, "anomaly_data", None)):
+                if getattr(dataset, "item_cache", None) is not None:
+                    dataset.item_cache = None
+        super().teardown(stage)  # type: ignore[misc]
+
     def keep_in_memory(self, *datasets: Any) -> None:
         """Decode each of ``datasets`` once, now, and serve it from memory (:mod:`.item_cache`; up to ``cache_mb``
         each). Datasets that cannot keep their items (not this package's, or random augmentations) are left as they
