@@ -71,7 +71,8 @@ class TrainingDefaults:
 
     def step_budget(self, training_images: int | None, batch_size: int | None) -> int | None:
         """``steps``, or as many as ``min_passes`` passes over ``training_images`` take at ``batch_size``, capped at
-        ``max_steps``: ``min(max(steps, ceil(min_passes * N / B)), max_steps)``. Unknown sizes keep ``steps``."""
+        ``max_steps``: ``min(max(steps, ceil(min_passes * N / B)), max_steps)``. Unknown sizes, and an unset
+        ``max_steps``, keep ``steps``."""
         if self.steps is None or not training_images or not batch_size or not self.min_passes:
             return self.steps
         passes = -(-self.min_passes * training_images // batch_size)
