@@ -93,7 +93,7 @@ def store(image: torch.Tensor, gt_mask: torch.Tensor | None, arena: Arena | None
 
 def restore(item: StoredItem) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The image and mask :func:`store` was given (fresh tensors: a caller may change them in place)."""
-    image = item.image.float() / 255 if item.levels else item.image.clone()
+    image = item.image.float().div_(255) if item.levels else item.image.clone()
     return image, None if item.gt_mask is None else item.gt_mask.clone()
 
 
@@ -137,10 +137,6 @@ class _Decoded(Dataset):
         return index, image, gt_mask
 
 
-def _single(items: list[Any]) -> Any:
-    return items[0]
-
-
 def fill_cache(dataset: Any, limit_mb: float, num_workers: int = 0) -> ItemCache | None:
     """Decode ``dataset``'s items (in ``num_workers`` processes) into a new :class:`ItemCache`, up to ``limit_mb``.
 
@@ -156,9 +152,7 @@ def fill_cache(dataset: Any, limit_mb: float, num_workers: int = 0) -> ItemCache
     limit_bytes, started = limit_mb * 2**20, time.perf_counter()
     # A generator of its own: the workers' seeds would otherwise be drawn from torch's global RNG, and a run with the
     # cache would draw different confetti than one without it.
-    loader = DataLoader(
-        _Decoded(dataset), batch_size=1, num_workers=num_workers, collate_fn=_single, generator=torch.Generator()
-    )
+    loader = DataLoader(_Decoded(dataset), batch_size=None, num_workers=num_workers, generator=torch.Generator())
     for index, image, gt_mask in loader:
         item = store(image, gt_mask, cache.arena)  # past the limit, this one copy is all the arena wastes
         if cache.size_bytes + stored_bytes(item) > limit_bytes:

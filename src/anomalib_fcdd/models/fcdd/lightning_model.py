@@ -268,7 +268,6 @@ class FcddHsc(AnomalibModule):
         self.passes_per_epoch = _chosen(passes_per_epoch, defaults.passes_per_epoch)
         # A step budget (bounded time whatever the dataset's size) applies unless the user sets a pass budget.
         self.steps = defaults.steps if epochs is None and passes_per_epoch is None else None
-        self._training_defaults = defaults
         #: Trainer epochs per paper epoch: ``passes_per_epoch``, or 1 where the datamodule shuffles the passes of a
         #: paper epoch together (:meth:`_batch_paper_epochs`).
         self.trainer_epochs_per_paper_epoch = self.passes_per_epoch
@@ -514,7 +513,7 @@ class FcddHsc(AnomalibModule):
         dataset = getattr(datamodule, "train_data", None)
         images = len(dataset) if dataset is not None else None
         batch_size = getattr(datamodule, "train_batch_size", None)
-        steps = self._training_defaults.step_budget(images, batch_size)
+        steps = training_defaults(self.model.backbone_name).step_budget(images, batch_size)
         if steps is None or steps == self.steps or not images or not batch_size:
             return
         logger.info(
