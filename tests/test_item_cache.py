@@ -12,7 +12,15 @@ from torchvision.transforms import v2
 
 from anomalib_fcdd.data import ImageDecodeError, MVTec, make_synthetic_mvtec
 from anomalib_fcdd.data.datasets import DecodingMVTecDataset
-from anomalib_fcdd.data.item_cache import ALIGNMENT, BLOCK_BYTES, Arena, is_deterministic, restore, store
+from anomalib_fcdd.data.item_cache import (
+    ALIGNMENT,
+    BLOCK_BYTES,
+    Arena,
+    is_deterministic,
+    restore,
+    store,
+    stored_bytes,
+)
 
 SIZE = 64
 
@@ -50,6 +58,19 @@ def test_eight_bit_images_are_stored_as_levels_and_restored_exactly() -> None:
     assert torch.equal(restore(item)[0], image)
 
 
+def test_blank_masks_take_no_memory_and_come_back_as_zeros() -> None:
+    image = torch.zeros(3, 5, 7)
+    item = store(image, torch.zeros(5, 7, dtype=torch.bool))
+    assert item.gt_mask is None and stored_bytes(item) == 3 * 5 * 7  # the 8-bit image alone
+    _, mask = restore(item)
+    assert mask.dtype == torch.bool and mask.shape == (5, 7) and not mask.any()
+    mask[0, 0] = True  # a fresh tensor each time
+    assert not restore(item)[1].any()
+    one_pixel = torch.zeros(5, 7, dtype=torch.bool)
+    one_pixel[4, 6] = True
+    assert stored_bytes(store(image, one_pixel)) == 3 * 5 * 7 + 5 * 7  # a mask with an anomaly is kept
+
+
 def test_other_images_are_stored_unchanged() -> None:
     image = torch.full((3, 4, 4), 0.3)  # 0.3 * 255 = 76.5: no 8-bit level
     item = store(image, None)
@@ -78,7 +99,7 @@ def test_kept_items_equal_decoded_ones_and_no_longer_need_the_files(root: Path, 
 
 def test_memory_limit_keeps_whole_items_up_to_it(root: Path) -> None:
     dataset = training_set(root, v2.Resize((32, 32), interpolation=v2.InterpolationMode.NEAREST))
-    per_item = 3 * 32 * 32 + 32 * 32  # 8-bit RGB levels and the 8-bit mask: 4096 bytes
+    per_item = 3 * 32 * 32  # 8-bit RGB levels; a normal image's blank mask is not kept
     dataset.keep_in_memory(limit_mb=3.5 * per_item / 2**20)
     assert sorted(dataset.item_cache.items) == [0, 1, 2]
     assert dataset.item_cache.size_bytes == 3 * per_item

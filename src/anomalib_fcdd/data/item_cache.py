@@ -72,28 +72,39 @@ class Arena:
 
 
 class StoredItem(NamedTuple):
-    """An item's tensors as kept: the image as 8-bit levels (exact) or as it was, the mask as it was."""
+    """An item's tensors as kept: the image as 8-bit levels (exact) or as it was, the mask as it was.
+
+    A mask without a single anomalous pixel (every normal training image's) is not kept, only its shape and dtype
+    (``blank_mask``): it would take a quarter of a normal item's memory to say nothing.
+    """
 
     image: torch.Tensor
     levels: bool
     gt_mask: torch.Tensor | None
+    blank_mask: tuple[torch.Size, torch.dtype] | None = None
 
 
 def store(image: torch.Tensor, gt_mask: torch.Tensor | None, arena: Arena | None = None) -> StoredItem:
     """``image`` (float in [0, 1]) as uint8 levels when ``levels / 255`` gives it back exactly, else unchanged; both
-    copied into ``arena`` (a fresh one if none is given)."""
+    copied into ``arena`` (a fresh one if none is given). An all-zero mask is kept as its shape and dtype only."""
     arena = arena or Arena()
-    mask = None if gt_mask is None else arena.copy(gt_mask.as_subclass(torch.Tensor))
+    mask, blank = None, None
+    if gt_mask is not None and not bool(gt_mask.any()):
+        blank = (gt_mask.shape, gt_mask.dtype)
+    elif gt_mask is not None:
+        mask = arena.copy(gt_mask.as_subclass(torch.Tensor))
     image = image.as_subclass(torch.Tensor)
     levels = torch.round(image * 255)
     if image.dtype == torch.float32 and torch.equal(levels / 255, image):
-        return StoredItem(arena.copy(levels.to(torch.uint8)), True, mask)
-    return StoredItem(arena.copy(image.contiguous()), False, mask)
+        return StoredItem(arena.copy(levels.to(torch.uint8)), True, mask, blank)
+    return StoredItem(arena.copy(image.contiguous()), False, mask, blank)
 
 
 def restore(item: StoredItem) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The image and mask :func:`store` was given (fresh tensors: a caller may change them in place)."""
     image = item.image.float().div_(255) if item.levels else item.image.clone()
+    if item.blank_mask is not None:
+        return image, torch.zeros(item.blank_mask[0], dtype=item.blank_mask[1])
     return image, None if item.gt_mask is None else item.gt_mask.clone()
 
 
