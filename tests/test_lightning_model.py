@@ -139,7 +139,14 @@ def test_training_step_gives_finite_loss_and_gradients(loss: str) -> None:
 
 
 def test_real_anomalies_replace_confetti() -> None:
-    model = FcddHsc(pre_trained=False, minmax="bottle", image_size=64, augment=False, anomaly_probability=1.0)
+    model = FcddHsc(
+        pre_trained=False,
+        minmax="bottle",
+        image_size=64,
+        augment=False,
+        anomaly_probability=1.0,
+        confetti_with_real=False,
+    )
     batch = make_batch([True, False], size=64)
     images, masks = model.training_inputs(batch)
     assert torch.equal(images, batch.image), "no confetti drawn on a batch with real anomalies"
@@ -147,6 +154,21 @@ def test_real_anomalies_replace_confetti() -> None:
     model.real_anomalies = True  # set by on_train_start for MVTecFewAnomalies
     images, masks = model.training_inputs(make_batch([False, False], size=64))
     assert not masks.any(), "in the semi-supervised setting an all-normal batch still gets no confetti"
+
+
+def test_confetti_with_real_anomalies_corrupts_only_the_normal_images() -> None:
+    model = FcddHsc(pre_trained=False, minmax="bottle", image_size=64, augment=False, anomaly_probability=1.0)
+    assert model.confetti_with_real, "the default backbone mixes confetti into semi-supervised batches"
+    assert not FcddHsc(backbone="vgg11_bn", pre_trained=False).confetti_with_real, "the paper's setting does not"
+    model.real_anomalies = True
+    batch = make_batch([True, False, True, False], size=64)
+    batch.image = torch.round(batch.image * 255) / 255  # 8-bit levels: confetti changes exactly its masked pixels
+    images, masks = model.training_inputs(batch)
+    real = torch.tensor([True, False, True, False])
+    assert torch.equal(images[real], batch.image[real]) and torch.equal(masks[real, 0], batch.gt_mask[real])
+    changed = (images[~real] != batch.image[~real]).any(1, keepdim=True)
+    assert masks[~real].any() and torch.equal(changed, masks[~real]), "normal images: confetti, masked where it is"
+    assert not batch.gt_mask[~real].any(), "the batch itself is left as it was"
 
 
 def test_confetti_used_for_normal_batches() -> None:

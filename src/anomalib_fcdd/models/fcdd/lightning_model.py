@@ -5,7 +5,8 @@ One training step (:meth:`FcddHsc.training_step`), per batch of normal images al
 
 1. anomalies: each image is replaced with probability ``anomaly_probability`` by a confetti anomaly
    (:mod:`.anomaly_generator`; the paper's sec. 4.1), unless the batch carries real anomalies (the semi-supervised
-   datamodules), which are then used instead -- never both;
+   datamodules), which are then used instead (the paper's) or, with ``confetti_with_real``, beside confetti on the
+   batch's normal images;
 2. augmentation: the reference's joint crop/resize to 224, colour jitter and noise (:mod:`.augmentation`);
 3. network: ``A = upsample(pseudo_huber(head(backbone(normalise(x)))))`` (:mod:`.torch_model`);
 4. loss: the selected hypersphere loss between ``A`` and the full-resolution mask (:mod:`.loss`; eq. 4 or 5).
@@ -181,7 +182,8 @@ class FcddHsc(AnomalibModule):
         frozen_bn_train_mode: keep frozen BatchNorm layers in train mode while training (reference behaviour).
 
     ``optimizer``, ``lr``, ``lr_decay``, ``lr_schedule``, ``epochs``, ``passes_per_epoch``, ``frozen_bn_train_mode``,
-    ``head``, ``heads``, ``image_score``, ``anomaly_fill`` and ``feature_noise`` left unset take the backbone's measured
+    ``head``, ``heads``, ``image_score``, ``anomaly_fill``, ``feature_noise`` and ``confetti_with_real`` left unset
+    take the backbone's measured
     defaults (``backbones.TRAINING_DEFAULTS``; the paper's recipe for VGG-11-BN and the ResNets), so every backbone
     trains to its best accuracy in a bounded time.
         precision: Lightning precision; ``auto`` = ``bf16-mixed`` where bf16 is native (AMX/AVX512-BF16 CPUs, CUDA
@@ -199,6 +201,10 @@ class FcddHsc(AnomalibModule):
         image_score: ``mean`` of the low-resolution map (the reference's) or ``max`` of the upsampled map.
         feature_noise: relative size of the feature-space anomalies scored alongside every training batch (its
             features plus Gaussian noise, :mod:`.feature_anomalies`; not in the paper); 0 turns them off.
+        confetti_with_real: with real training anomalies (semi-supervised datamodules), also corrupt the batch's
+            normal images with confetti, each with ``anomaly_probability`` (not in the paper, which uses the real
+            ones alone): a handful of real defects then teach what defects look like, and the confetti keeps the
+            head from learning only those few.
     """
 
     def __init__(
@@ -234,6 +240,7 @@ class FcddHsc(AnomalibModule):
         heads: int | None = None,
         image_score: str | None = None,
         feature_noise: float | None = None,
+        confetti_with_real: bool | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: Any = True,
         evaluator: Evaluator | bool = True,
@@ -296,6 +303,7 @@ class FcddHsc(AnomalibModule):
         )
         self.augmentation = FcddAugmentation(size=self.image_size, resize=self.resize) if augment else None
         self.real_anomalies = False
+        self.confetti_with_real = bool(_chosen(confetti_with_real, defaults.confetti_with_real))
 
     # ----------------------------------------------------------------------------------------------------------------
     # The paper's training step
@@ -310,16 +318,31 @@ class FcddHsc(AnomalibModule):
         return {"loss": loss}
 
     def training_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images and ``B x 1 x H x W`` masks for the loss: real anomalies if the batch has any, else confetti."""
+        """Images and ``B x 1 x H x W`` masks for the loss: real anomalies if the batch has any (and confetti on its
+        normal images with ``confetti_with_real``), else confetti."""
         images = batch.image
         has_real = self.real_anomalies or (batch.gt_label is not None and bool(torch.as_tensor(batch.gt_label).any()))
-        if has_real:
-            if batch.gt_mask is None:
-                raise ValueError("A training batch holds anomalous images but no masks; FCDD needs pixel masks.")
-            masks = torch.as_tensor(batch.gt_mask).view(images.shape[0], 1, *images.shape[-2:]).bool()
-        else:
+        if not has_real:
             images, masks, _ = self.anomaly_generator(images)
+            return self._augment(images, masks)
+        if batch.gt_mask is None:
+            raise ValueError("A training batch holds anomalous images but no masks; FCDD needs pixel masks.")
+        masks = torch.as_tensor(batch.gt_mask).view(images.shape[0], 1, *images.shape[-2:]).bool()
+        if self.confetti_with_real:
+            images, masks = self._confetti_on_normal_images(images, masks)
         return self._augment(images, masks)
+
+    def _confetti_on_normal_images(
+        self, images: torch.Tensor, masks: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Confetti on the images whose mask is empty, each with ``anomaly_probability``; real anomalies untouched."""
+        normal = ~masks.flatten(1).any(1)
+        if not bool(normal.any()):
+            return images, masks
+        corrupted, confetti_masks, _ = self.anomaly_generator(images[normal])
+        images, masks = images.clone(), masks.clone()
+        images[normal], masks[normal] = corrupted, confetti_masks
+        return images, masks
 
     def _augment(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference's augmentation, or a resize to ``image_size`` when it is off."""
@@ -343,7 +366,8 @@ class FcddHsc(AnomalibModule):
         self._pace_started: float | None = None
         self.model.require_weights()  # pretrained weights that could not be fetched (and no checkpoint resumed)
         datamodule = self.trainer.datamodule
-        # A datamodule that supplies real training anomalies (MVTecFewAnomalies) switches confetti off for good.
+        # A datamodule that supplies real training anomalies (MVTecFewAnomalies) makes every batch a semi-supervised
+        # one: confetti goes off, or onto the normal images only (confetti_with_real).
         self.real_anomalies = bool(getattr(datamodule, "training_anomalies", None))
         self._settle_normalization(datamodule)
         if self.model.feature_noise is not None:

@@ -63,6 +63,9 @@ class TrainingDefaults:
     anomaly_fill: str = "colour"
     #: Relative size of the feature-space anomalies (:mod:`..feature_anomalies`); 0 = none, as in the paper.
     feature_noise: float = 0.0
+    #: Semi-supervised: confetti also corrupts the normal images of batches that hold real anomalies (the paper uses
+    #: the real ones alone).
+    confetti_with_real: bool = False
     #: Optimiser steps as the budget instead of ``epochs x passes_per_epoch``; raised to ``min_passes`` passes over a
     #: large training set, but never beyond ``max_steps`` (bounded time whatever the data's size).
     steps: int | None = None
