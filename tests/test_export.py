@@ -226,6 +226,24 @@ def test_parity_eager_onnxruntime_openvino(trained: dict[str, Any], exported: di
     print(f"parity max abs diff vs eager torch: anomaly maps {worst}, scores {worst_score}")
 
 
+def test_fixed_batch_compiles_the_same_function(exported: dict[str, Path]) -> None:
+    """``OpenVINOModel(batch_size=...)`` (the benchmarks' runners; ``predict-openvino`` fixes 1) fixes only the batch of
+    the dynamic graph: height and width stay open, and the outputs are those of the graph with every dimension open."""
+    from anomalib_fcdd.deploy.runtime import OpenVINOModel
+
+    fixed = OpenVINOModel(exported["openvino"], "f32", batch_size=2)
+    shape = fixed.compiled.input(0).get_partial_shape()
+    assert shape[0].is_static and shape[0].get_length() == 2 and shape[2].is_dynamic and shape[3].is_dynamic
+    rng = np.random.default_rng(3)
+    for height, width in ((224, 224), (97, 143)):
+        images = rng.random((2, height, width, 3), dtype=np.float32)
+        reference = run_openvino(exported["openvino"], images)
+        outputs = fixed(images.transpose(0, 3, 1, 2))
+        for name in ("anomaly_map", "pred_score"):
+            assert max_abs(reference[name], outputs[name]) <= 1e-6, name
+        np.testing.assert_array_equal(reference["pred_mask"], outputs["pred_mask"])
+
+
 def test_bilinear_resize_exports_with_the_eager_pixels(trained: dict[str, Any], tmp_path: Path) -> None:
     """The antialiased bilinear pre-processor (the default with pretrained weights) is computed inside the exported
     graph as in eager torch, shrinking and enlarging: ONNX Runtime and OpenVINO give the eager maps to 1e-4."""

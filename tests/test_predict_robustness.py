@@ -124,6 +124,20 @@ def test_compiled_models_are_cached_in_the_given_folder_not_the_working_director
     assert list(work.iterdir()) == []
 
 
+def test_single_images_are_scored_by_a_graph_compiled_for_batch_one(tmp_path: Path) -> None:
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    image = ops.parameter([-1, 3, -1, -1], np.float32, name="image")  # as FCDD exports: batch, height, width open
+    path = tmp_path / "dynamic.xml"
+    ov.save_model(ov.Model([ops.relu(image)], [image], "dynamic"), path)
+    shape = predict_module.load_inferencer(path, cache_dir=None).model.input(0).get_partial_shape()
+    assert shape[0].is_static and shape[0].get_length() == 1, "batch fixed to the one image predict-openvino feeds"
+    assert shape[2].is_dynamic and shape[3].is_dynamic, "any image size still goes in"
+    fixed = predict_module.load_inferencer(_tiny_openvino_model(tmp_path / "fixed.xml"), cache_dir=None)
+    assert fixed.model.input(0).get_partial_shape()[0].get_length() == 1  # an already fixed batch is left alone
+
+
 def test_default_cache_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert predict_module.default_cache_dir() == tmp_path / "anomalib-fcdd" / "openvino"
