@@ -10,13 +10,13 @@ from scipy.signal.windows import gaussian
 from anomalib_fcdd.models.fcdd.anomaly_map import ReceptiveField, ReceptiveFieldUpsampler, receptive_field_kernel
 
 VGG_FIELD = ReceptiveField(size=62, stride=8, offset=3.5)
-#: Training runs the upsampler as two matrix products, evaluation and export as transposed convolutions: both must
-#: give the hand-computed maps.
-MODES = pytest.mark.parametrize("training", [True, False], ids=["matrices (training)", "convolutions (eval)"])
+#: The upsampler runs as two matrix products (``separable``, the default) or as the reference's 2-D transposed
+#: convolution: both must give the hand-computed maps.
+MODES = pytest.mark.parametrize("separable", [True, False], ids=["matrices", "2-D transposed convolution"])
 
 
-def upsampler_in(field: ReceptiveField, training: bool, std: float = 12.0) -> ReceptiveFieldUpsampler:
-    return ReceptiveFieldUpsampler(field, std=std).train(training)
+def upsampler_in(field: ReceptiveField, separable: bool, std: float = 12.0) -> ReceptiveFieldUpsampler:
+    return ReceptiveFieldUpsampler(field, std=std, separable=separable)
 
 
 def reference_kernel() -> np.ndarray:
@@ -35,8 +35,8 @@ def test_kernel_matches_scipy_recipe() -> None:
 
 
 @MODES
-def test_output_size_and_gains(training: bool) -> None:
-    upsampler = upsampler_in(VGG_FIELD, training)
+def test_output_size_and_gains(separable: bool) -> None:
+    upsampler = upsampler_in(VGG_FIELD, separable)
     out = upsampler(torch.ones(1, 1, 28, 28), (224, 224))
     assert out.shape == (1, 1, 224, 224)
     assert out[0, 0, 112, 112].item() == pytest.approx(3.7, abs=0.05)
@@ -46,10 +46,10 @@ def test_output_size_and_gains(training: bool) -> None:
 
 @MODES
 @pytest.mark.parametrize(("row", "col"), [(5, 9), (14, 14), (20, 6)])
-def test_one_hot_pixel_is_centred_at_8i_plus_3_5(row: int, col: int, training: bool) -> None:
+def test_one_hot_pixel_is_centred_at_8i_plus_3_5(row: int, col: int, separable: bool) -> None:
     low = torch.zeros(1, 1, 28, 28, dtype=torch.float64)
     low[0, 0, row, col] = 1
-    out = upsampler_in(VGG_FIELD, training)(low, (224, 224))[0, 0]
+    out = upsampler_in(VGG_FIELD, separable)(low, (224, 224))[0, 0]
     rows = torch.arange(224, dtype=torch.float64)
     row_centre = (out.sum(1) * rows).sum() / out.sum()
     col_centre = (out.sum(0) * rows).sum() / out.sum()
@@ -61,17 +61,17 @@ def test_one_hot_pixel_is_centred_at_8i_plus_3_5(row: int, col: int, training: b
 
 
 @MODES
-def test_other_input_sizes_work(training: bool) -> None:
-    upsampler = upsampler_in(VGG_FIELD, training)
+def test_other_input_sizes_work(separable: bool) -> None:
+    upsampler = upsampler_in(VGG_FIELD, separable)
     assert upsampler(torch.ones(2, 1, 8, 12), (64, 100)).shape == (2, 1, 64, 100)
     assert upsampler(torch.ones(2, 1, 8, 8), (67, 67)).shape == (2, 1, 67, 67)
 
 
 @MODES
-def test_border_pixel_peak_position(training: bool) -> None:
+def test_border_pixel_peak_position(separable: bool) -> None:
     low = torch.zeros(1, 1, 28, 28)
     low[0, 0, 0, 27] = 1
-    out = upsampler_in(VGG_FIELD, training)(low, (224, 224))[0, 0]
+    out = upsampler_in(VGG_FIELD, separable)(low, (224, 224))[0, 0]
     assert out[3, 8 * 27 + 3].item() == pytest.approx(0.25)
     assert out[4, 8 * 27 + 4].item() == pytest.approx(0.25)
     assert out.max().item() == pytest.approx(0.25)
@@ -86,7 +86,7 @@ def test_separable_form_equals_the_2d_kernel() -> None:
 
 
 @MODES
-def test_a_wide_receptive_field_uses_a_capped_kernel_with_the_same_maps(training: bool) -> None:
+def test_a_wide_receptive_field_uses_a_capped_kernel_with_the_same_maps(separable: bool) -> None:
     """A 355-px field (the multi-scale backbone's) at sigma 12: 97 taps instead of 355, results equal to 1e-3 relative.
 
     Hand computation: the full 355 x 355 reference kernel as one transposed convolution, cropped to centre pixel ``i``
@@ -95,7 +95,7 @@ def test_a_wide_receptive_field_uses_a_capped_kernel_with_the_same_maps(training
     import torch.nn.functional as F  # noqa: N812
 
     field = ReceptiveField(355, 8, 11.0)
-    upsampler = upsampler_in(field, training)
+    upsampler = upsampler_in(field, separable)
     assert upsampler.kernel_size == 97
     low = torch.rand(2, 1, 28, 28)
     full = F.conv_transpose2d(low, receptive_field_kernel(355, 12.0).float()[None, None], stride=8)
@@ -108,14 +108,14 @@ def test_a_wide_receptive_field_uses_a_capped_kernel_with_the_same_maps(training
 def test_the_matrix_form_keeps_the_convolutions_sums_and_gradients(
     low_size: tuple[int, int], size: tuple[int, int]
 ) -> None:
-    """Training's matrix products and evaluation's convolutions: the same map and the same gradient for the head,
-    also for sizes that are not a multiple of the stride (where the crop reaches the zero padding)."""
+    """The matrix products and the reference's 2-D transposed convolution: the same map and the same gradient for the
+    head, also for sizes that are not a multiple of the stride (where the crop reaches the zero padding)."""
     field = ReceptiveField(355, 8, 11.0)
     low = torch.rand(3, 1, *low_size, dtype=torch.float64, requires_grad=True)
     weights = torch.rand(3, 1, *size, dtype=torch.float64)
     maps, gradients = [], []
-    for training in (True, False):
-        out = upsampler_in(field, training).double()(low, size)
+    for separable in (True, False):
+        out = upsampler_in(field, separable).double()(low, size)
         (gradient,) = torch.autograd.grad((out * weights).sum(), low)
         maps.append(out)
         gradients.append(gradient)

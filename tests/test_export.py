@@ -186,9 +186,9 @@ def test_engine_export_writes_whole_pipeline(exported: dict[str, Path]) -> None:
     assert exported["openvino"].with_suffix(".bin").is_file()
     graph = onnx.load(str(exported["onnx"])).graph
     ops = {node.op_type for node in graph.node}
-    # the weights' mean/std (sub/div), network, pseudo-Huber sqrt, Gaussian conv-transpose, normalisation clip, and the
-    # resize (an ONNX Resize, or the exact index gather of FcddPreProcessor.forward)
-    assert {"Sub", "Div", "Conv", "Sqrt", "ConvTranspose", "Clip"} <= ops, ops
+    # the weights' mean/std (sub/div), network, pseudo-Huber sqrt, the Gaussian upsampler's matrix products,
+    # normalisation clip, and the resize (an ONNX Resize, or the exact index gather of FcddPreProcessor.forward)
+    assert {"Sub", "Div", "Conv", "Sqrt", "MatMul", "Clip"} <= ops, ops
     assert ops & {"Resize", "Gather"}, ops
     assert [o.name for o in graph.output] == ["pred_score", "pred_label", "anomaly_map", "pred_mask"]
     dims = graph.input[0].type.tensor_type.shape.dim

@@ -2,7 +2,8 @@
 
 nncf's default ``quantize`` also puts 8-bit fake-quantisers in front of the element-wise ops and reductions of
 FCDD's graph: the input's LCN and min-max, the pseudo-Huber distance ``sqrt(phi^2 + 1) - 1``, the Gaussian upsampler
-(two ``ConvolutionBackpropData``), the image score's mean and anomalib's score normalisation. Rounding the
+(two ``MatMul``; the reference's 2-D form is a ``ConvolutionBackpropData``), the image score's mean and anomalib's score
+normalisation. Rounding the
 one-channel anomaly map to 256 levels before it is upsampled and averaged ties pixels and images that the float model
 ranks apart, and that is where the default INT8_PTQ artefact lost its accuracy (bottle: image AUROC 0.94 -> 0.85,
 measured with ``benchmarks/export_accuracy.py``-style scoring). Keeping those op types in float leaves every backbone
@@ -17,9 +18,11 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 #: OpenVINO op types that stay in float: the element-wise maths and reductions around the CNN (LCN, min-max,
-#: pseudo-Huber, the image score's mean, score normalisation) and the upsampler's transposed convolutions.
+#: pseudo-Huber, the image score's mean, score normalisation), the upsampler (matrix products, or the reference's
+#: transposed convolution) and the bilinear resize's matrix products.
 FLOAT_OP_TYPES = (
     "ConvolutionBackpropData",
+    "MatMul",
     "Multiply",
     "Divide",
     "Add",

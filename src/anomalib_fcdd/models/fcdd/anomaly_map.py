@@ -78,21 +78,19 @@ class ReceptiveFieldUpsampler(nn.Module):
 
     ``out = crop(conv_transpose2d(x, G, stride=j))`` where ``G`` is :func:`receptive_field_kernel` and the crop starts
     at ``(r - 1) // 2 - floor(s)`` so that low-resolution pixel ``i`` lands centred at ``j*i + s``. The output size is
-    an argument so that any input resolution works (and the exported graph stays dynamic).
+    an argument, so any input resolution works.
 
     Args:
         receptive_field: receptive field of the network's output pixels.
         std: standard deviation of the Gaussian in input pixels (12 in the reference's MVTec config).
-        separable: the kernel is an outer product, so run the ``r x r`` transposed convolution as an ``r x 1`` one
-            over rows and a ``1 x r`` one over columns -- the same sums up to float rounding (~1e-7 relative) at about
-            ``2 / r`` of the work. A one-channel ``r x r`` transposed convolution has no fast kernel in oneDNN or
-            OpenVINO's CPU plugin and otherwise dominates FCDD's run time. ``False`` runs the reference's 2-D form.
-
-    While training, the same sums run as two matrix products, ``out = U_H x U_W^T`` with ``U[y, i] = g[y + c - j i]``
-    (``g`` the 1-D window, ``c`` the crop start; 0 outside the window): the batch's size is fixed there and nothing is
-    exported, and the products skip the rows and columns the crop throws away. With four heads this made a training
-    step about 16 % shorter, the whole bottle training 7 % (``benchmarks/results/heads.md``).
-    Evaluation and export keep the convolutions, whose graph works for any input size.
+        separable: the kernel is an outer product of a 1-D window ``g``, so compute the cropped result directly as two
+            matrix products, ``out = U_H x U_W^T`` with ``U[y, i] = g[y + c - j i]`` (``c`` the crop start; 0 outside
+            the window): the same sums up to float rounding (~1e-7 relative), without the rows and columns the crop
+            throws away. A one-channel ``r x r`` transposed convolution has no fast kernel in oneDNN or OpenVINO's CPU
+            plugin and otherwise dominates FCDD's run time; two 1-D transposed convolutions, the form used before,
+            still computed a 313 x 313 map to keep 224 x 224 of it. The products made a four-head training step about
+            16 % shorter (``benchmarks/results/heads.md``) and the deployed FP16 graph 1.3-1.4x as fast
+            (``benchmarks/results/offline/ANALYSIS.md``). ``False`` runs the reference's 2-D transposed convolution.
     """
 
     def __init__(self, receptive_field: ReceptiveField, std: float = 12.0, separable: bool = True) -> None:
@@ -120,21 +118,16 @@ class ReceptiveFieldUpsampler(nn.Module):
             # Scores must not be rounded to bf16 (it would create ties in the pixel ranking): run in fp32.
             with torch.autocast(low_res.device.type, enabled=False):
                 return self.forward(low_res.float(), output_size)
-        if self.training:
+        if self.separable:
             rows = self.upsampling_matrix(low_res.shape[-2], output_size[0], low_res.device)
             columns = self.upsampling_matrix(low_res.shape[-1], output_size[1], low_res.device)
             return rows.to(low_res.dtype) @ low_res @ columns.T.to(low_res.dtype)
         stride = self.receptive_field.stride
-        if self.separable:
-            window = self.window.to(dtype=low_res.dtype)
-            rows = F.conv_transpose2d(low_res, window.view(1, 1, -1, 1), stride=(stride, 1))
-            full = F.conv_transpose2d(rows, window.view(1, 1, 1, -1), stride=(1, stride))
-        else:
-            full = F.conv_transpose2d(low_res, self.kernel.to(dtype=low_res.dtype), stride=stride)
+        full = F.conv_transpose2d(low_res, self.kernel.to(dtype=low_res.dtype), stride=stride)
         height, width = output_size[0], output_size[1]
         # A spare stride of zeros on the bottom/right covers input sizes that are not a multiple of the stride:
         # pixels past the last low-resolution centre get no mass from outside the image, as with the reference's
-        # output_padding. Padding unconditionally keeps the graph free of shape branches for export.
+        # output_padding.
         full = F.pad(full, (0, stride, 0, stride))
         start = self.crop_start
         return full[:, :, start : start + height, start : start + width]
