@@ -3,11 +3,11 @@
 nncf's default ``quantize`` also puts 8-bit fake-quantisers in front of the element-wise ops and reductions of
 FCDD's graph: the input's LCN and min-max, the pseudo-Huber distance ``sqrt(phi^2 + 1) - 1``, the Gaussian upsampler
 (two ``MatMul``; the reference's 2-D form is a ``ConvolutionBackpropData``), the image score's mean and anomalib's score
-normalisation. Rounding the
-one-channel anomaly map to 256 levels before it is upsampled and averaged ties pixels and images that the float model
-ranks apart, and that is where the default INT8_PTQ artefact lost its accuracy (bottle: image AUROC 0.94 -> 0.85,
-measured with ``benchmarks/export_accuracy.py``-style scoring). Keeping those op types in float leaves every backbone
-convolution and the head in INT8 -- nearly all of the compute -- and costs almost nothing in speed.
+normalisation. Rounding the one-channel anomaly map to 256 levels before it is upsampled and averaged ties pixels and
+images that the float model ranks apart, and that is where the default INT8_PTQ artefact lost its accuracy (bottle:
+image AUROC 0.94 -> 0.85, measured with ``benchmarks/export_accuracy.py``-style scoring). Keeping those op types in
+float leaves every backbone convolution and the head in INT8 -- nearly all of the compute -- and costs almost nothing
+in speed.
 """
 
 from __future__ import annotations

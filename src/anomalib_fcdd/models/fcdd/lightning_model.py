@@ -183,9 +183,8 @@ class FcddHsc(AnomalibModule):
 
     ``optimizer``, ``lr``, ``lr_decay``, ``lr_schedule``, ``epochs``, ``passes_per_epoch``, ``frozen_bn_train_mode``,
     ``head``, ``heads``, ``image_score``, ``anomaly_fill``, ``feature_noise`` and ``confetti_with_real`` left unset
-    take the backbone's measured
-    defaults (``backbones.TRAINING_DEFAULTS``; the paper's recipe for VGG-11-BN and the ResNets), so every backbone
-    trains to its best accuracy in a bounded time.
+    take the backbone's measured defaults (``backbones.TRAINING_DEFAULTS``; the paper's recipe for VGG-11-BN and the
+    ResNets), so every backbone trains to its best accuracy in a bounded time.
         precision: Lightning precision; ``auto`` = ``bf16-mixed`` where bf16 is native (AMX/AVX512-BF16 CPUs, CUDA
             GPUs with bf16), else ``32-true``.
         accelerate: channels-last tensors and BatchNorm folded at inference (:mod:`.acceleration`); ``False`` runs
