@@ -160,6 +160,7 @@ def test_confetti_with_real_anomalies_corrupts_only_the_normal_images() -> None:
     model = FcddHsc(pre_trained=False, minmax="bottle", image_size=64, augment=False, anomaly_probability=1.0)
     assert model.confetti_with_real, "the default backbone mixes confetti into semi-supervised batches"
     assert not FcddHsc(backbone="vgg11_bn", pre_trained=False).confetti_with_real, "the paper's setting does not"
+    assert not Fcdd(pre_trained=False).confetti_with_real, "nor does the original FCDD"
     model.real_anomalies = True
     batch = make_batch([True, False, True, False], size=64)
     batch.image = torch.round(batch.image * 255) / 255  # 8-bit levels: confetti changes exactly its masked pixels

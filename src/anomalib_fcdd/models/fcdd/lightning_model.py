@@ -627,8 +627,9 @@ class FcddHsc(AnomalibModule):
 class Fcdd(FcddHsc, AnomalibModule):
     """FCDD in its original ICLR 2021 configuration: eq. (4), smoothed colour confetti, whole-image anomaly labels.
 
-    Takes every argument of :class:`FcddHsc`; only these five defaults differ. ``AnomalibModule`` is named as a
-    direct base so that ``get_model("fcdd")`` finds the class.
+    Takes every argument of :class:`FcddHsc`; only these six defaults differ (real anomalies, where a datamodule
+    supplies them, are used alone, as the original did). ``AnomalibModule`` is named as a direct base so that
+    ``get_model("fcdd")`` finds the class.
     """
 
     def __init__(
@@ -638,6 +639,7 @@ class Fcdd(FcddHsc, AnomalibModule):
         image_level_masks: bool = True,
         anomaly_fill: str = "colour",
         feature_noise: float = 0.0,
+        confetti_with_real: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -646,6 +648,7 @@ class Fcdd(FcddHsc, AnomalibModule):
             image_level_masks=image_level_masks,
             anomaly_fill=anomaly_fill,
             feature_noise=feature_noise,
+            confetti_with_real=confetti_with_real,
             **kwargs,
         )
 
