@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from benchmarks import bench_data_cache, bench_heads, bench_training, paper_timing
+from benchmarks import bench_data_cache, bench_heads, bench_openvino_batch, bench_training, paper_timing
 
 
 @pytest.mark.slow
@@ -129,3 +129,23 @@ def test_data_cache_benchmark_times_both_variants(synthetic_root: Path, tmp_path
     ]
     assert len(rows) == 2
     assert all(float(row.split("|")[2].split()[0]) > 0 and float(row.split("|")[4]) > 0.1 for row in rows)
+
+
+def test_openvino_batch_variants_fix_what_they_say(tmp_path: Path) -> None:
+    """The compiled variants of one dynamic graph: the batch-fixed one takes exactly that batch at any size."""
+    import numpy as np
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    image = ops.parameter([-1, 3, -1, -1], np.float32, name="image")
+    xml = tmp_path / "dynamic.xml"
+    ov.save_model(ov.Model([ops.relu(image)], [image], "dynamic"), xml)
+    requests = bench_openvino_batch.compile_variants(xml, batch=2)
+    assert list(requests) == list(bench_openvino_batch.SHAPES)
+    fixed = requests["batch fixed, height and width open (with_fixed_batch)"]
+    shape = fixed.model_inputs[0].get_partial_shape()
+    assert shape[0].get_length() == 2 and shape[2].is_dynamic and shape[3].is_dynamic
+    images = -np.ones((2, 3, 224, 224), dtype=np.float32)
+    for request in requests.values():
+        assert float(np.asarray(request.infer({0: images})[0]).max()) == 0.0  # relu of -1
+    assert bench_openvino_batch.throughput(fixed, images, seconds=0.05) > 0
