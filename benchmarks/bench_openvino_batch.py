@@ -18,54 +18,49 @@ import collections
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-#: What is compiled: the input shape each variant fixes (``None``: as exported, everything open).
-SHAPES: dict[str, list[int] | None] = {
-    "batch, height, width open (as exported)": None,
-    "batch open, 224 x 224 fixed": [-1, 3, 224, 224],
-    "batch fixed, height and width open (with_fixed_batch)": [0, 3, -1, -1],
-}
+OPEN = "batch, height, width open (as exported)"
+FIXED_SIZE = "batch open, 224 x 224 fixed"
+FIXED_BATCH = "batch fixed, height and width open (with_fixed_batch)"
+#: How the exported graph is compiled, in the report's order.
+VARIANTS = (OPEN, FIXED_SIZE, FIXED_BATCH)
 
 
-def compile_variants(xml: Path, batch: int) -> dict[str, Any]:
-    """One infer request per entry of :data:`SHAPES` (``0`` stands for ``batch``)."""
+def compile_variant(xml: Path, variant: str, batch: int, **config: str) -> Any:
+    """An infer request for ``variant`` of the graph at ``xml``: as exported, with its height and width fixed to 224,
+    or with its batch fixed to ``batch`` by the package's own ``with_fixed_batch``."""
     import openvino as ov
 
-    core = ov.Core()
-    requests = {}
-    for name, shape in SHAPES.items():
-        model = core.read_model(str(xml))
-        if shape is not None:
-            model.reshape({model.input(0): [batch if side == 0 else side for side in shape]})
-        requests[name] = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
-    return requests
-
-
-def throughput(request: Any, images: np.ndarray, seconds: float) -> float:
-    """Images per second over at least ``seconds`` of back-to-back synchronous calls."""
-    started, calls = time.perf_counter(), 0
-    while time.perf_counter() - started < seconds:
-        request.infer({0: images})
-        calls += 1
-    return calls * len(images) / (time.perf_counter() - started)
-
-
-def profile(xml: Path, images: np.ndarray, shape: list[int] | None, calls: int = 100) -> dict[str, float]:
-    """Mean microseconds per call by ``op type / kernel``, from OpenVINO's per-layer counters."""
-    import openvino as ov
+    from anomalib_fcdd.deploy.runtime import with_fixed_batch
 
     core = ov.Core()
     model = core.read_model(str(xml))
-    if shape is not None:
-        model.reshape({model.input(0): [len(images) if side == 0 else side for side in shape]})
-    request = core.compile_model(
-        model, "CPU", {"PERF_COUNT": "YES", "PERFORMANCE_HINT": "LATENCY"}
-    ).create_infer_request()
+    if variant == FIXED_BATCH:
+        with_fixed_batch(model, batch)
+    elif variant == FIXED_SIZE:
+        model.reshape({model.input(0): [-1, 3, 224, 224]})
+    return core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", **config}).create_infer_request()
+
+
+def compile_variants(xml: Path, batch: int) -> dict[str, Any]:
+    """One infer request per entry of :data:`VARIANTS`."""
+    return {variant: compile_variant(xml, variant, batch) for variant in VARIANTS}
+
+
+def throughput(request: Any, images: np.ndarray, seconds: float) -> float:
+    """Images per second of ``request`` over at least ``seconds`` (``bench_inference.measure``)."""
+    from benchmarks.bench_inference import measure
+
+    return measure(lambda batch: request.infer({0: batch}), images, seconds)[0]
+
+
+def profile(xml: Path, images: np.ndarray, variant: str, calls: int = 100) -> dict[str, float]:
+    """Mean microseconds per call by ``op type / kernel``, from OpenVINO's per-layer counters."""
+    request = compile_variant(xml, variant, len(images), PERF_COUNT="YES")
     for _ in range(10):
         request.infer({0: images})
     totals: collections.Counter[str] = collections.Counter()
@@ -106,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     with tempfile.TemporaryDirectory(prefix="bench_openvino_batch_") as scratch:
         xml = export_variant(FcddHsc().eval(), args.variant, Path(scratch)).path
-        rates: dict[str, dict[int, list[float]]] = {name: {} for name in SHAPES}
+        rates: dict[str, dict[int, list[float]]] = {variant: {} for variant in VARIANTS}
         for size in args.batch_sizes:
             images = rng.random((size, 3, 224, 224), dtype=np.float32)
             requests = compile_variants(xml, size)
@@ -122,8 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         images = rng.random((1, 3, 224, 224), dtype=np.float32)
         lines += ["", "Where the time goes at batch 1 (per-layer counters, microseconds per call, largest first):", ""]
         lines += ["| op type / kernel | batch open | batch fixed |", "|---|---|---|"]
-        open_profile = profile(xml, images, None)
-        fixed_profile = profile(xml, images, SHAPES["batch fixed, height and width open (with_fixed_batch)"])
+        open_profile = profile(xml, images, OPEN)
+        fixed_profile = profile(xml, images, FIXED_BATCH)
         for key in sorted(open_profile, key=open_profile.get, reverse=True)[:10]:
             lines.append(f"| {key} | {open_profile[key]:.0f} | {fixed_profile.get(key, 0.0):.0f} |")
         lines.append(f"| sum of all layers | {sum(open_profile.values()):.0f} | {sum(fixed_profile.values()):.0f} |")

@@ -141,8 +141,8 @@ def test_openvino_batch_variants_fix_what_they_say(tmp_path: Path) -> None:
     xml = tmp_path / "dynamic.xml"
     ov.save_model(ov.Model([ops.relu(image)], [image], "dynamic"), xml)
     requests = bench_openvino_batch.compile_variants(xml, batch=2)
-    assert list(requests) == list(bench_openvino_batch.SHAPES)
-    fixed = requests["batch fixed, height and width open (with_fixed_batch)"]
+    assert list(requests) == list(bench_openvino_batch.VARIANTS)
+    fixed = requests[bench_openvino_batch.FIXED_BATCH]
     shape = fixed.model_inputs[0].get_partial_shape()
     assert shape[0].get_length() == 2 and shape[2].is_dynamic and shape[3].is_dynamic
     images = -np.ones((2, 3, 224, 224), dtype=np.float32)
