@@ -1,0 +1,203 @@
+"""Where FCDD's image score loses to PatchCore: the trained heads against a memory of normal patches, same features.
+
+Trains ``FcddHsc()`` with every default on one MVTec-layout category, then scores its test set two ways on the *same*
+frozen backbone features (``FcddModel.backbone_features``) and through the same Gaussian upsampler:
+
+* FCDD: the heads' map, the model's own (image score: its maximum);
+* memory of M: each feature vector's Euclidean distance to the nearest of M feature vectors drawn at random from the
+  normal training images (PatchCore without its coreset selection and neighbourhood pooling), upsampled alike.
+
+Where a memory separates the images that the heads do not, the information is in the features and the parametric
+heads do not keep it; M x C half-precision values is what such a memory would add to the artefact. Reports image and
+pixel AUROC over the test set and image AUROC per defect type (each type's images against all good ones).
+
+    python -m benchmarks.gap_diagnosis --mvtec-root ../shared/data --category magnetic_tile
+
+Appends a section to ``benchmarks/results/gap_diagnosis.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: make the benchmarks package importable
+    sys.path.insert(0, str(REPO))
+RESULTS = REPO / "benchmarks" / "results" / "gap_diagnosis.md"
+FCDD = "FCDD heads"
+
+
+@dataclass
+class Scores:
+    """One scorer's results per test batch: image scores and upsampled maps (float16)."""
+
+    image: list[float] = field(default_factory=list)
+    maps: list[np.ndarray] = field(default_factory=list)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from benchmarks.export_accuracy import default_backbone
+    from benchmarks.jobs import resolve_mvtec_root
+
+    backbone, pre_trained = default_backbone()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mvtec-root", type=Path, default=resolve_mvtec_root(None), help="MVTec-layout root")
+    parser.add_argument("--category", default="bottle")
+    parser.add_argument(
+        "--memory-sizes", default="5000,20000", help="comma-separated M: normal feature vectors in each memory"
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="shorten training (default: the backbone's budget)")
+    parser.add_argument("--passes-per-epoch", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/fcdd_gap_diagnosis"))
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    args.backbone, args.pre_trained = backbone, pre_trained
+    args.memory_sizes = sorted({int(size) for size in args.memory_sizes.split(",") if size.strip()})
+    if not args.memory_sizes or min(args.memory_sizes) < 1:
+        parser.error(f"--memory-sizes needs positive integers, got {args.memory_sizes}")
+    return args
+
+
+def batches(dataset: Any, batch_size: int) -> Any:
+    """The dataset's items in order, collated as anomalib collates them."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate_fn, num_workers=0)
+
+
+@torch.inference_mode()
+def normal_memory(model: Any, dataset: Any, size: int, batch_size: int, seed: int) -> torch.Tensor:
+    """``size`` feature vectors (size x C) drawn uniformly over the positions of the training images.
+
+    Each image gives ``ceil(size / images)`` positions, so memory stays bounded however large the training set; the
+    pooled draw is then cut to ``size`` at random.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    per_image = math.ceil(size / len(dataset))
+    drawn = []
+    for batch in batches(dataset, batch_size):
+        features = model.model.backbone_features(model.pre_processor(batch.image)).float()
+        vectors = features.flatten(2).transpose(1, 2)  # B x positions x C
+        picks = torch.rand(vectors.shape[:2], generator=generator).argsort(dim=1)[:, :per_image]
+        drawn.append(torch.gather(vectors, 1, picks[..., None].expand(-1, -1, vectors.shape[2])).flatten(0, 1))
+    pool = torch.cat(drawn)
+    return pool[torch.randperm(len(pool), generator=generator)[:size]]
+
+
+def nearest_distance(features: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """B x 1 x h x w: each position's Euclidean distance to its nearest memory vector."""
+    vectors = features.flatten(2).transpose(1, 2).flatten(0, 1)
+    distances = torch.cat([torch.cdist(chunk, memory).amin(dim=1) for chunk in vectors.split(4096)])
+    return distances.view(features.shape[0], 1, *features.shape[2:])
+
+
+@torch.inference_mode()
+def score_test_set(
+    model: Any, dataset: Any, memories: dict[str, torch.Tensor], batch_size: int
+) -> tuple[dict[str, Scores], np.ndarray, np.ndarray, list[str]]:
+    """Scores of FCDD and of every memory, the masks (N x H x W bool), the labels and each image's defect type."""
+    net = model.model
+    scores = {name: Scores() for name in [FCDD, *memories]}
+    masks, labels, types = [], [], []
+    for batch in batches(dataset, batch_size):
+        images = model.pre_processor(batch.image)
+        size = images.shape[-2:]
+        fcdd = net(images)
+        scores[FCDD].image += fcdd.pred_score.float().flatten().tolist()
+        scores[FCDD].maps.append(fcdd.anomaly_map.float()[:, 0].half().numpy())
+        features = net.backbone_features(images).float()
+        for name, memory in memories.items():
+            distance_map = net.upsampler(nearest_distance(features, memory), size)
+            scores[name].image += distance_map.flatten(1).amax(dim=1).tolist()
+            scores[name].maps.append(distance_map[:, 0].half().numpy())
+        mask = torch.as_tensor(batch.gt_mask).float().view(len(images), 1, *batch.gt_mask.shape[-2:])
+        masks.append((F.interpolate(mask, size=size, mode="nearest")[:, 0] > 0.5).numpy())
+        labels += torch.as_tensor(batch.gt_label).int().tolist()
+        types += [Path(path).parent.name for path in batch.image_path]
+    return scores, np.concatenate(masks), np.array(labels, dtype=bool), types
+
+
+def auroc_table(
+    scores: dict[str, Scores], masks: np.ndarray, labels: np.ndarray, types: list[str], channels: int
+) -> tuple[list[str], list[str]]:
+    """Markdown rows: one per scorer (memory size, image and pixel AUROC), then one per defect type."""
+    from sklearn.metrics import roc_auc_score
+
+    kinds = np.array(types)
+    good = ~labels
+    overall, per_type = [], []
+    for name, result in scores.items():
+        image = np.asarray(result.image)
+        maps = np.concatenate(result.maps).astype(np.float32)
+        values = 0 if name == FCDD else int(name.split()[-1]) * channels
+        overall.append(
+            f"| {name} | {values:,} ({values * 2 / 2**20:.2f} MB FP16) | {roc_auc_score(labels, image):.3f} | "
+            f"{roc_auc_score(masks.ravel(), maps.ravel()):.3f} |"
+        )
+        cells = []
+        for kind in sorted(set(kinds[labels])):
+            chosen = good | (kinds == kind)
+            cells.append(f"{roc_auc_score(labels[chosen], image[chosen]):.3f}")
+        per_type.append(f"| {name} | " + " | ".join(cells) + " |")
+    header = "| scorer | " + " | ".join(sorted(set(kinds[labels]))) + " |"
+    return overall, [header, "|---" * (1 + len(set(kinds[labels]))) + "|", *per_type]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train, score, append the section to ``--output``; 2 when the category is missing."""
+    args = parse_args(argv)
+    if not (args.mvtec_root / args.category / "train" / "good").is_dir():
+        print(
+            f"No MVTec-layout category {args.category!r} under {args.mvtec_root}; pass --mvtec-root.", file=sys.stderr
+        )
+        return 2
+    from benchmarks.bench_training import append_section, machine
+    from benchmarks.export_accuracy import train
+
+    model, datamodule, seconds = train(args, args.work_dir)
+    model.cpu().eval()
+    memories = {
+        f"memory of {size}": normal_memory(model, datamodule.train_data, size, args.batch_size, args.seed)
+        for size in args.memory_sizes
+    }
+    scores, masks, labels, types = score_test_set(model, datamodule.test_data, memories, args.batch_size)
+    channels = next(iter(memories.values())).shape[1]
+    overall, per_type = auroc_table(scores, masks, labels, types, channels)
+    command = "python -m benchmarks.gap_diagnosis " + " ".join(argv if argv is not None else sys.argv[1:])
+    section = "\n".join(
+        [
+            f"## {args.category}",
+            "",
+            f"`{command.strip()}`, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {machine()}. `FcddHsc()` "
+            f"({args.backbone}, {channels} channels) trained in {seconds:.0f} s on {len(datamodule.train_data)} "
+            f"images, seed {args.seed}; {len(labels)} test images ({int(labels.sum())} defective). Memories: normal "
+            "feature vectors drawn at random from the training images, scored by nearest-neighbour distance through "
+            "the same upsampler.",
+            "",
+            "| scorer | memory values | image AUROC | pixel AUROC |",
+            "|---|---|---|---|",
+            *overall,
+            "",
+            "Image AUROC per defect type (its images against every good one):",
+            "",
+            *per_type,
+        ]
+    )
+    append_section(args.output, "FCDD's heads against a memory of normal patches on the same features", section)
+    print(section)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

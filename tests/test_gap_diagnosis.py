@@ -1,0 +1,87 @@
+"""benchmarks/gap_diagnosis.py: nearest-neighbour distances, a bounded memory draw and per-defect-type AUROC."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from benchmarks import gap_diagnosis
+
+
+def test_nearest_distance_is_the_euclidean_distance_to_the_closest_memory_vector() -> None:
+    # Three positions (0, 0), (3, 4), (1, 0) on a 1 x 3 grid; memory (0, 0) and (1, 1).
+    features = torch.tensor([[[[0.0, 3.0, 1.0]], [[0.0, 4.0, 0.0]]]])
+    memory = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    distances = gap_diagnosis.nearest_distance(features, memory)
+    assert distances.shape == (1, 1, 1, 3)
+    expected = [0.0, math.sqrt(2**2 + 3**2), 1.0]  # (3, 4) is sqrt(13) from (1, 1), 5 from (0, 0)
+    assert distances.flatten().tolist() == pytest.approx(expected)
+
+
+class _Images(torch.utils.data.Dataset):
+    """Images whose every feature vector is (image index, position index): the backbone stand-in is the identity."""
+
+    def __init__(self, count: int, side: int) -> None:
+        self.count, self.side = count, side
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        positions = torch.arange(self.side * self.side, dtype=torch.float32).view(1, self.side, self.side)
+        return torch.cat([torch.full_like(positions, float(index)), positions])
+
+    @staticmethod
+    def collate_fn(items: list[torch.Tensor]) -> SimpleNamespace:
+        return SimpleNamespace(image=torch.stack(items))
+
+
+def test_normal_memory_draws_distinct_positions_spread_over_every_training_image() -> None:
+    identity = SimpleNamespace(
+        model=SimpleNamespace(backbone_features=lambda images: images), pre_processor=lambda images: images
+    )
+    memory = gap_diagnosis.normal_memory(identity, _Images(count=5, side=4), size=12, batch_size=2, seed=0)
+    assert memory.shape == (12, 2)
+    pairs = {tuple(row) for row in memory.int().tolist()}
+    assert len(pairs) == 12  # no position twice
+    per_image = [sum(1 for image, _ in pairs if image == index) for index in range(5)]
+    assert max(per_image) <= math.ceil(12 / 5)  # at most ceil(M / images) from any one image
+    assert all(0 <= position < 16 for _, position in pairs)
+
+
+def test_auroc_table_scores_each_defect_type_against_all_good_images() -> None:
+    labels = np.array([False, False, True, True, True, True])
+    types = ["good", "good", "crack", "crack", "stain", "stain"]
+    # Good images score 1 and 3; cracks 4 and 5 (both above every good: 1.0); stains 0 and 2 (one pair of four: 0.25).
+    scores = {gap_diagnosis.FCDD: gap_diagnosis.Scores(image=[1, 3, 4, 5, 0, 2])}
+    masks = np.zeros((6, 2, 2), dtype=bool)
+    masks[2:, 0, 0] = True
+    scores[gap_diagnosis.FCDD].maps = [np.where(masks, 1.0, 0.0).astype(np.float16)]  # perfect pixel ranking
+    overall, per_type = gap_diagnosis.auroc_table(scores, masks, labels, types, channels=8)
+    assert per_type[0] == "| scorer | crack | stain |"
+    assert per_type[2] == f"| {gap_diagnosis.FCDD} | 1.000 | 0.250 |"
+    # Image AUROC over all: of 8 (good, defective) pairs, the defective one is higher in 5 (4, 5 twice; 2 > 1).
+    assert overall[0] == f"| {gap_diagnosis.FCDD} | 0 (0.00 MB FP16) | {5 / 8:.3f} | 1.000 |"
+
+
+def test_gap_diagnosis_names_a_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "gap.md"
+    assert gap_diagnosis.main(["--mvtec-root", str(tmp_path / "nowhere"), "--output", str(output)]) == 2
+    assert "--mvtec-root" in capsys.readouterr().err
+    assert not output.exists()
+
+
+@pytest.mark.slow
+def test_gap_diagnosis_reports_every_scorer(synthetic_root: Path, tmp_path: Path) -> None:
+    output = tmp_path / "gap.md"
+    arguments = ["--mvtec-root", str(synthetic_root), "--category", "synthetic", "--epochs", "1"]
+    arguments += ["--passes-per-epoch", "1", "--memory-sizes", "40,160", "--work-dir", str(tmp_path / "w")]
+    assert gap_diagnosis.main([*arguments, "--output", str(output)]) == 0
+    rows = [line.split("|") for line in output.read_text().splitlines() if line.startswith(("| FCDD", "| memory"))]
+    assert [row[1].strip() for row in rows[:3]] == [gap_diagnosis.FCDD, "memory of 40", "memory of 160"]
+    assert rows[1][2].strip().startswith("9,280")  # 40 vectors x 232 channels
+    assert all(0.0 <= float(row[3]) <= 1.0 and 0.0 <= float(row[4]) <= 1.0 for row in rows[:3])
