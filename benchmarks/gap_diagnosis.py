@@ -39,7 +39,7 @@ FCDD = "FCDD heads"
 
 @dataclass
 class Scores:
-    """One scorer's results per test batch: image scores and upsampled maps (float16)."""
+    """One scorer's results per test batch: image scores and upsampled maps."""
 
     image: list[float] = field(default_factory=list)
     maps: list[np.ndarray] = field(default_factory=list)
@@ -115,12 +115,12 @@ def score_test_set(
         size = images.shape[-2:]
         fcdd = net(images)
         scores[FCDD].image += fcdd.pred_score.float().flatten().tolist()
-        scores[FCDD].maps.append(fcdd.anomaly_map.float()[:, 0].half().numpy())
+        scores[FCDD].maps.append(fcdd.anomaly_map.float()[:, 0].numpy())
         features = net.backbone_features(images).float()
         for name, memory in memories.items():
             distance_map = net.upsampler(nearest_distance(features, memory), size)
             scores[name].image += distance_map.flatten(1).amax(dim=1).tolist()
-            scores[name].maps.append(distance_map[:, 0].half().numpy())
+            scores[name].maps.append(distance_map[:, 0].numpy())
         mask = torch.as_tensor(batch.gt_mask).float().view(len(images), 1, *batch.gt_mask.shape[-2:])
         masks.append((F.interpolate(mask, size=size, mode="nearest")[:, 0] > 0.5).numpy())
         labels += torch.as_tensor(batch.gt_label).int().tolist()
@@ -129,9 +129,10 @@ def score_test_set(
 
 
 def auroc_table(
-    scores: dict[str, Scores], masks: np.ndarray, labels: np.ndarray, types: list[str], channels: int
+    scores: dict[str, Scores], masks: np.ndarray, labels: np.ndarray, types: list[str], stored: dict[str, int]
 ) -> tuple[list[str], list[str]]:
-    """Markdown rows: one per scorer (memory size, image and pixel AUROC), then one per defect type."""
+    """Markdown rows: one per scorer (the values it stores beside the model, image and pixel AUROC), then one per
+    defect type. ``stored`` has an entry for every memory; a scorer without one stores nothing."""
     from sklearn.metrics import roc_auc_score
 
     kinds = np.array(types)
@@ -139,12 +140,11 @@ def auroc_table(
     overall, per_type = [], []
     for name, result in scores.items():
         image = np.asarray(result.image)
-        maps = np.concatenate(result.maps).astype(np.float32)
-        values = 0 if name == FCDD else int(name.split()[-1]) * channels
-        overall.append(
-            f"| {name} | {values:,} ({values * 2 / 2**20:.2f} MB FP16) | {roc_auc_score(labels, image):.3f} | "
-            f"{roc_auc_score(masks.ravel(), maps.ravel()):.3f} |"
-        )
+        maps = np.concatenate(result.maps)
+        values = stored.get(name)
+        size = "–" if values is None else f"{values:,} ({values * 2 / 2**20:.2f} MB FP16)"
+        pixel = roc_auc_score(masks.ravel(), maps.ravel())
+        overall.append(f"| {name} | {size} | {roc_auc_score(labels, image):.3f} | {pixel:.3f} |")
         cells = []
         for kind in sorted(set(kinds[labels])):
             chosen = good | (kinds == kind)
@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     scores, masks, labels, types = score_test_set(model, datamodule.test_data, memories, args.batch_size)
     channels = next(iter(memories.values())).shape[1]
-    overall, per_type = auroc_table(scores, masks, labels, types, channels)
+    stored = {name: memory.numel() for name, memory in memories.items()}
+    overall, per_type = auroc_table(scores, masks, labels, types, stored)
     command = "python -m benchmarks.gap_diagnosis " + " ".join(argv if argv is not None else sys.argv[1:])
     section = "\n".join(
         [

@@ -60,12 +60,16 @@ def test_auroc_table_scores_each_defect_type_against_all_good_images() -> None:
     scores = {gap_diagnosis.FCDD: gap_diagnosis.Scores(image=[1, 3, 4, 5, 0, 2])}
     masks = np.zeros((6, 2, 2), dtype=bool)
     masks[2:, 0, 0] = True
-    scores[gap_diagnosis.FCDD].maps = [np.where(masks, 1.0, 0.0).astype(np.float16)]  # perfect pixel ranking
-    overall, per_type = gap_diagnosis.auroc_table(scores, masks, labels, types, channels=8)
+    scores[gap_diagnosis.FCDD].maps = [np.where(masks, 1.0, 0.0)]  # a perfect pixel ranking
+    scores["memory of 3"] = gap_diagnosis.Scores(image=[0, 0, 1, 1, 1, 1], maps=[np.zeros((6, 2, 2))])
+    overall, per_type = gap_diagnosis.auroc_table(scores, masks, labels, types, stored={"memory of 3": 3 * 8})
     assert per_type[0] == "| scorer | crack | stain |"
     assert per_type[2] == f"| {gap_diagnosis.FCDD} | 1.000 | 0.250 |"
     # Image AUROC over all: of 8 (good, defective) pairs, the defective one is higher in 5 (4, 5 twice; 2 > 1).
-    assert overall[0] == f"| {gap_diagnosis.FCDD} | 0 (0.00 MB FP16) | {5 / 8:.3f} | 1.000 |"
+    assert overall[0] == f"| {gap_diagnosis.FCDD} | – | {5 / 8:.3f} | 1.000 |"
+    # The memory row: 24 stored values, every defective image above every good one, a constant map (AUROC 0.5).
+    assert overall[1] == f"| memory of 3 | 24 ({24 * 2 / 2**20:.2f} MB FP16) | 1.000 | 0.500 |"
+    assert per_type[3] == "| memory of 3 | 1.000 | 1.000 |"
 
 
 def test_gap_diagnosis_names_a_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
