@@ -5,7 +5,9 @@ frozen backbone features (``FcddModel.backbone_features``) and through the same 
 
 * FCDD: the heads' map, the model's own (image score: its maximum);
 * memory of M: each feature vector's Euclidean distance to the nearest of M feature vectors drawn at random from the
-  normal training images (PatchCore without its coreset selection and neighbourhood pooling), upsampled alike.
+  normal training images (PatchCore without its coreset selection and neighbourhood pooling), upsampled alike;
+* coreset: the same distance to a greedy k-centre selection of a fraction of all training positions (PatchCore's
+  selection, made on a random projection to 128 dimensions), which keeps the rare vectors a random draw misses.
 
 Where a memory separates the images that the heads do not, the information is in the features and the parametric
 heads do not keep it; M x C half-precision values is what such a memory would add to the artefact. Reports image and
@@ -56,6 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--memory-sizes", default="5000,20000", help="comma-separated M: normal feature vectors in each memory"
     )
+    parser.add_argument(
+        "--coreset-fraction", type=float, default=0.01, help="greedy coreset of this fraction of positions (0: none)"
+    )
     parser.add_argument("--epochs", type=int, default=None, help="shorten training (default: the backbone's budget)")
     parser.add_argument("--passes-per-epoch", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -68,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.memory_sizes = sorted({int(size) for size in args.memory_sizes.split(",") if size.strip()})
     if not args.memory_sizes or min(args.memory_sizes) < 1:
         parser.error(f"--memory-sizes needs positive integers, got {args.memory_sizes}")
+    if not 0 <= args.coreset_fraction <= 1:
+        parser.error(f"--coreset-fraction must be in [0, 1], got {args.coreset_fraction}")
     return args
 
 
@@ -93,6 +100,38 @@ def normal_memory(model: Any, dataset: Any, size: int, batch_size: int, seed: in
         drawn.append(torch.gather(vectors, 1, picks[..., None].expand(-1, -1, vectors.shape[2])).flatten(0, 1))
     pool = torch.cat(drawn)
     return pool[torch.randperm(len(pool), generator=generator)[:size]]
+
+
+@torch.inference_mode()
+def all_positions(model: Any, dataset: Any, batch_size: int) -> torch.Tensor:
+    """Every training position's feature vector (positions x C), in float16 to halve what the selection holds."""
+    vectors = []
+    for batch in batches(dataset, batch_size):
+        features = model.model.backbone_features(model.pre_processor(batch.image)).float()
+        vectors.append(features.flatten(2).transpose(1, 2).flatten(0, 1).half())
+    return torch.cat(vectors)
+
+
+def greedy_coreset(vectors: torch.Tensor, size: int, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
+    """Indices of ``size`` rows chosen by greedy k-centre selection (PatchCore's): start from row 0, then repeatedly
+    add the row farthest from everything chosen so far.
+
+    Distances are taken on a random Gaussian projection to ``projection_dim`` dimensions when the vectors have more;
+    each step updates every row's squared distance to its nearest chosen row with one matrix-vector product,
+    ``|z - c|^2 = |z|^2 - 2 z.c + |c|^2``.
+    """
+    points = vectors.float()
+    if points.shape[1] > projection_dim:
+        generator = torch.Generator().manual_seed(seed)
+        points = points @ (torch.randn(points.shape[1], projection_dim, generator=generator) / projection_dim**0.5)
+    norms = (points * points).sum(dim=1)
+    chosen = [0]
+    nearest = (norms - 2 * points @ points[0] + norms[0]).clamp_min_(0)
+    for _ in range(min(size, len(points)) - 1):
+        index = int(nearest.argmax())
+        chosen.append(index)
+        torch.minimum(nearest, (norms - 2 * points @ points[index] + norms[index]).clamp_min_(0), out=nearest)
+    return torch.tensor(chosen)
 
 
 def nearest_distance(features: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
@@ -171,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         f"memory of {size}": normal_memory(model, datamodule.train_data, size, args.batch_size, args.seed)
         for size in args.memory_sizes
     }
+    if args.coreset_fraction > 0:
+        positions = all_positions(model, datamodule.train_data, args.batch_size)
+        size = max(1, round(args.coreset_fraction * len(positions)))
+        memories[f"coreset of {size}"] = positions[greedy_coreset(positions, size, seed=args.seed)].float()
+        del positions
     scores, masks, labels, types = score_test_set(model, datamodule.test_data, memories, args.batch_size)
     channels = next(iter(memories.values())).shape[1]
     stored = {name: memory.numel() for name, memory in memories.items()}
@@ -183,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             f"`{command.strip()}`, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {machine()}. `FcddHsc()` "
             f"({args.backbone}, {channels} channels) trained in {seconds:.0f} s on {len(datamodule.train_data)} "
             f"images, seed {args.seed}; {len(labels)} test images ({int(labels.sum())} defective). Memories: normal "
-            "feature vectors drawn at random from the training images, scored by nearest-neighbour distance through "
+            "feature vectors drawn at random from the training images; the coreset: a greedy k-centre selection of "
+            f"{args.coreset_fraction:g} of all training positions; each scored by nearest-neighbour distance through "
             "the same upsampler.",
             "",
             "| scorer | memory values | image AUROC | pixel AUROC |",

@@ -22,6 +22,22 @@ def test_nearest_distance_is_the_euclidean_distance_to_the_closest_memory_vector
     assert distances.flatten().tolist() == pytest.approx(expected)
 
 
+def test_greedy_coreset_adds_the_point_farthest_from_those_chosen() -> None:
+    # Points 0, 1, 2, 10, 11 on a line. From 0 the farthest is 11; then 2 (2 from 0) beats 1 and 10 (1 from one chosen).
+    points = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0]])
+    assert gap_diagnosis.greedy_coreset(points, 3).tolist() == [0, 4, 2]
+    assert sorted(gap_diagnosis.greedy_coreset(points, 9).tolist()) == [0, 1, 2, 3, 4]  # at most every point
+
+
+def test_greedy_coreset_projects_wide_vectors_and_still_separates_far_clusters() -> None:
+    # Two tight clusters of 300-dimensional vectors, far apart: a coreset of two takes one from each.
+    generator = torch.Generator().manual_seed(0)
+    near = torch.randn(20, 300, generator=generator) * 0.01
+    far = near + 100.0
+    chosen = gap_diagnosis.greedy_coreset(torch.cat([near, far]), 2, projection_dim=16)
+    assert chosen[0] == 0 and chosen[1] >= 20
+
+
 class _Images(torch.utils.data.Dataset):
     """Images whose every feature vector is (image index, position index): the backbone stand-in is the identity."""
 
@@ -84,8 +100,11 @@ def test_gap_diagnosis_reports_every_scorer(synthetic_root: Path, tmp_path: Path
     output = tmp_path / "gap.md"
     arguments = ["--mvtec-root", str(synthetic_root), "--category", "synthetic", "--epochs", "1"]
     arguments += ["--passes-per-epoch", "1", "--memory-sizes", "40,160", "--work-dir", str(tmp_path / "w")]
-    assert gap_diagnosis.main([*arguments, "--output", str(output)]) == 0
-    rows = [line.split("|") for line in output.read_text().splitlines() if line.startswith(("| FCDD", "| memory"))]
-    assert [row[1].strip() for row in rows[:3]] == [gap_diagnosis.FCDD, "memory of 40", "memory of 160"]
+    assert gap_diagnosis.main([*arguments, "--coreset-fraction", "0.01", "--output", str(output)]) == 0
+    starts = ("| FCDD", "| memory", "| coreset")
+    rows = [line.split("|") for line in output.read_text().splitlines() if line.startswith(starts)]
+    # 16 training images, resized to the model's 224 px, give a 28 x 28 grid each: 12,544 positions, 1 % is 125.
+    names = [gap_diagnosis.FCDD, "memory of 40", "memory of 160", "coreset of 125"]
+    assert [row[1].strip() for row in rows[:4]] == names
     assert rows[1][2].strip().startswith("9,280")  # 40 vectors x 232 channels
-    assert all(0.0 <= float(row[3]) <= 1.0 and 0.0 <= float(row[4]) <= 1.0 for row in rows[:3])
+    assert all(0.0 <= float(row[3]) <= 1.0 and 0.0 <= float(row[4]) <= 1.0 for row in rows[:4])
