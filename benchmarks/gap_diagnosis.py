@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.coreset_fraction > 0:
         positions = all_positions(model, datamodule.train_data, args.batch_size)
         size = max(1, round(args.coreset_fraction * len(positions)))
+        # One pass over every position per chosen vector: Magnetic-Tile's 6,272 of 627,200 took 14 min on 2 cores.
+        print(f"Selecting a coreset of {size:,} of {len(positions):,} training positions ...", flush=True)
         memories[f"coreset of {size}"] = positions[greedy_coreset(positions, size, seed=args.seed)].float()
         del positions
     scores, masks, labels, types = score_test_set(model, datamodule.test_data, memories, args.batch_size)
