@@ -24,6 +24,7 @@ import argparse
 import datetime as dt
 import math
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,33 +84,41 @@ def batches(dataset: Any, batch_size: int) -> Any:
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate_fn, num_workers=0)
 
 
-@torch.inference_mode()
-def normal_memory(model: Any, dataset: Any, size: int, batch_size: int, seed: int) -> torch.Tensor:
-    """``size`` feature vectors (size x C) drawn uniformly over the positions of the training images.
-
-    Each image gives ``ceil(size / images)`` positions, so memory stays bounded however large the training set; the
-    pooled draw is then cut to ``size`` at random.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    per_image = math.ceil(size / len(dataset))
-    drawn = []
+def position_vectors(model: Any, dataset: Any, batch_size: int) -> Iterator[torch.Tensor]:
+    """The backbone's feature vectors of the dataset's images, one ``B x positions x C`` (float32) block per batch."""
     for batch in batches(dataset, batch_size):
         features = model.model.backbone_features(model.pre_processor(batch.image)).float()
-        vectors = features.flatten(2).transpose(1, 2)  # B x positions x C
-        picks = torch.rand(vectors.shape[:2], generator=generator).argsort(dim=1)[:, :per_image]
-        drawn.append(torch.gather(vectors, 1, picks[..., None].expand(-1, -1, vectors.shape[2])).flatten(0, 1))
-    pool = torch.cat(drawn)
-    return pool[torch.randperm(len(pool), generator=generator)[:size]]
+        yield features.flatten(2).transpose(1, 2)
+
+
+@torch.inference_mode()
+def normal_memories(model: Any, dataset: Any, sizes: list[int], batch_size: int, seed: int) -> dict[int, torch.Tensor]:
+    """For each size M, M feature vectors (M x C) drawn uniformly over the positions of the training images, all
+    from one pass over them.
+
+    Each image gives ``ceil(M / images)`` positions, so memory stays bounded however large the training set; the
+    pooled draw is then cut to M at random. Every size has its own generator seeded with ``seed``, so a size draws the
+    same vectors whichever other sizes share the pass.
+    """
+    generators = {size: torch.Generator().manual_seed(seed) for size in sizes}
+    drawn: dict[int, list[torch.Tensor]] = {size: [] for size in sizes}
+    for vectors in position_vectors(model, dataset, batch_size):
+        for size, generator in generators.items():
+            per_image = math.ceil(size / len(dataset))
+            picks = torch.rand(vectors.shape[:2], generator=generator).argsort(dim=1)[:, :per_image]
+            chosen = torch.gather(vectors, 1, picks[..., None].expand(-1, -1, vectors.shape[2]))
+            drawn[size].append(chosen.flatten(0, 1))
+    memories = {}
+    for size, generator in generators.items():
+        pool = torch.cat(drawn[size])
+        memories[size] = pool[torch.randperm(len(pool), generator=generator)[:size]]
+    return memories
 
 
 @torch.inference_mode()
 def all_positions(model: Any, dataset: Any, batch_size: int) -> torch.Tensor:
     """Every training position's feature vector (positions x C), in float16 to halve what the selection holds."""
-    vectors = []
-    for batch in batches(dataset, batch_size):
-        features = model.model.backbone_features(model.pre_processor(batch.image)).float()
-        vectors.append(features.flatten(2).transpose(1, 2).flatten(0, 1).half())
-    return torch.cat(vectors)
+    return torch.cat([vectors.flatten(0, 1).half() for vectors in position_vectors(model, dataset, batch_size)])
 
 
 def greedy_coreset(vectors: torch.Tensor, size: int, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
@@ -206,10 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model, datamodule, seconds = train(args, args.work_dir)
     model.cpu().eval()
-    memories = {
-        f"memory of {size}": normal_memory(model, datamodule.train_data, size, args.batch_size, args.seed)
-        for size in args.memory_sizes
-    }
+    drawn = normal_memories(model, datamodule.train_data, args.memory_sizes, args.batch_size, args.seed)
+    memories = {f"memory of {size}": memory for size, memory in drawn.items()}
     if args.coreset_fraction > 0:
         positions = all_positions(model, datamodule.train_data, args.batch_size)
         size = max(1, round(args.coreset_fraction * len(positions)))

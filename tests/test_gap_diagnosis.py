@@ -60,7 +60,10 @@ def test_normal_memory_draws_distinct_positions_spread_over_every_training_image
     identity = SimpleNamespace(
         model=SimpleNamespace(backbone_features=lambda images: images), pre_processor=lambda images: images
     )
-    memory = gap_diagnosis.normal_memory(identity, _Images(count=5, side=4), size=12, batch_size=2, seed=0)
+    memories = gap_diagnosis.normal_memories(identity, _Images(count=5, side=4), [5, 12], batch_size=2, seed=0)
+    alone = gap_diagnosis.normal_memories(identity, _Images(count=5, side=4), [12], batch_size=2, seed=0)
+    assert torch.equal(memories[12], alone[12])  # a size draws the same vectors whichever sizes share the pass
+    memory = memories[12]
     assert memory.shape == (12, 2)
     pairs = {tuple(row) for row in memory.int().tolist()}
     assert len(pairs) == 12  # no position twice
