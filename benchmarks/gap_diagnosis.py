@@ -7,7 +7,10 @@ frozen backbone features (``FcddModel.backbone_features``) and through the same 
 * memory of M: each feature vector's Euclidean distance to the nearest of M feature vectors drawn at random from the
   normal training images (PatchCore without its coreset selection and neighbourhood pooling), upsampled alike;
 * coreset: the same distance to a greedy k-centre selection of a fraction of all training positions (PatchCore's
-  selection, made on a random projection to 128 dimensions), which keeps the rare vectors a random draw misses.
+  selection, made on a random projection to 128 dimensions), which keeps the rare vectors a random draw misses;
+* PCA memory S x D: the package's own ``image_score="memory"`` scorer (``models/fcdd/memory_bank.py``), built as
+  ``FcddHsc`` builds it (a bounded pool of positions, its PCA basis of D dimensions, a greedy coreset of S vectors in
+  it), so one training measures several sizes of it.
 
 Where a memory separates the images that the heads do not, the information is in the features and the parametric
 heads do not keep it; M x C half-precision values is what such a memory would add to the artefact. Reports image and
@@ -32,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812
+
+from anomalib_fcdd.models.fcdd.memory_bank import POOL_SIZE, FeatureMemory, PositionPool, greedy_coreset
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make the benchmarks package importable
@@ -60,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--memory-sizes", default="5000,20000", help="comma-separated M: normal feature vectors in each memory"
     )
     parser.add_argument(
+        "--pca-memories", default="", help="comma-separated SIZExDIM: the package's memory scorer (e.g. 2000x64)"
+    )
+    parser.add_argument(
         "--coreset-fraction", type=float, default=0.01, help="greedy coreset of this fraction of positions (0: none)"
     )
     parser.add_argument("--epochs", type=int, default=None, help="shorten training (default: the backbone's budget)")
@@ -72,8 +80,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.backbone, args.pre_trained = backbone, pre_trained
     args.memory_sizes = sorted({int(size) for size in args.memory_sizes.split(",") if size.strip()})
-    if not args.memory_sizes or min(args.memory_sizes) < 1:
+    if args.memory_sizes and min(args.memory_sizes) < 1:
         parser.error(f"--memory-sizes needs positive integers, got {args.memory_sizes}")
+    try:
+        args.pca_memories = [tuple(int(v) for v in item.split("x")) for item in args.pca_memories.split(",") if item]
+    except ValueError:
+        parser.error(f"--pca-memories takes SIZExDIM items such as 2000x64, got {args.pca_memories!r}")
+    if any(len(item) != 2 or min(item) < 1 for item in args.pca_memories):
+        parser.error(f"--pca-memories takes SIZExDIM items of positive integers, got {args.pca_memories}")
     if not 0 <= args.coreset_fraction <= 1:
         parser.error(f"--coreset-fraction must be in [0, 1], got {args.coreset_fraction}")
     return args
@@ -84,17 +98,23 @@ def batches(dataset: Any, batch_size: int) -> Any:
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate_fn, num_workers=0)
 
 
-def position_vectors(model: Any, dataset: Any, batch_size: int) -> Iterator[torch.Tensor]:
-    """The backbone's feature vectors of the dataset's images, one ``B x positions x C`` (float32) block per batch."""
+def feature_maps(model: Any, dataset: Any, batch_size: int) -> Iterator[torch.Tensor]:
+    """The backbone's feature maps of the dataset's images, B x C x h x w (float32) per batch."""
     for batch in batches(dataset, batch_size):
-        features = model.model.backbone_features(model.pre_processor(batch.image)).float()
-        yield features.flatten(2).transpose(1, 2)
+        yield model.model.backbone_features(model.pre_processor(batch.image)).float()
+
+
+def as_vectors(features: torch.Tensor) -> torch.Tensor:
+    """B x C x h x w feature maps as B x positions x C vectors."""
+    return features.flatten(2).transpose(1, 2)
 
 
 @torch.inference_mode()
-def normal_memories(model: Any, dataset: Any, sizes: list[int], batch_size: int, seed: int) -> dict[int, torch.Tensor]:
+def normal_memories(
+    model: Any, dataset: Any, sizes: list[int], batch_size: int, seed: int, pool: PositionPool | None = None
+) -> dict[int, torch.Tensor]:
     """For each size M, M feature vectors (M x C) drawn uniformly over the positions of the training images, all
-    from one pass over them.
+    from one pass over them (which also fills ``pool``, the package memory's candidates, when given).
 
     Each image gives ``ceil(M / images)`` positions, so memory stays bounded however large the training set; the
     pooled draw is then cut to M at random. Every size has its own generator seeded with ``seed``, so a size draws the
@@ -102,7 +122,10 @@ def normal_memories(model: Any, dataset: Any, sizes: list[int], batch_size: int,
     """
     generators = {size: torch.Generator().manual_seed(seed) for size in sizes}
     drawn: dict[int, list[torch.Tensor]] = {size: [] for size in sizes}
-    for vectors in position_vectors(model, dataset, batch_size):
+    for features in feature_maps(model, dataset, batch_size):
+        if pool is not None:
+            pool.add(features)
+        vectors = as_vectors(features)
         for size, generator in generators.items():
             per_image = math.ceil(size / len(dataset))
             picks = torch.rand(vectors.shape[:2], generator=generator).argsort(dim=1)[:, :per_image]
@@ -110,37 +133,36 @@ def normal_memories(model: Any, dataset: Any, sizes: list[int], batch_size: int,
             drawn[size].append(chosen.flatten(0, 1))
     memories = {}
     for size, generator in generators.items():
-        pool = torch.cat(drawn[size])
-        memories[size] = pool[torch.randperm(len(pool), generator=generator)[:size]]
+        pool_of_size = torch.cat(drawn[size])
+        memories[size] = pool_of_size[torch.randperm(len(pool_of_size), generator=generator)[:size]]
+    return memories
+
+
+def package_memories(pool: torch.Tensor, specs: list[tuple[int, int]]) -> dict[str, FeatureMemory]:
+    """The package's ``image_score="memory"`` scorer for every (size, PCA dimensions), all from one pool."""
+    memories = {}
+    for size, dim in specs:
+        memory = FeatureMemory(size, dim)
+        memory.fit(pool)
+        memories[f"PCA memory {size}x{dim}"] = memory
     return memories
 
 
 @torch.inference_mode()
 def all_positions(model: Any, dataset: Any, batch_size: int) -> torch.Tensor:
     """Every training position's feature vector (positions x C), in float16 to halve what the selection holds."""
-    return torch.cat([vectors.flatten(0, 1).half() for vectors in position_vectors(model, dataset, batch_size)])
+    features = feature_maps(model, dataset, batch_size)
+    return torch.cat([as_vectors(maps).flatten(0, 1).half() for maps in features])
 
 
-def greedy_coreset(vectors: torch.Tensor, size: int, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
-    """Indices of ``size`` rows chosen by greedy k-centre selection (PatchCore's): start from row 0, then repeatedly
-    add the row farthest from everything chosen so far.
-
-    Distances are taken on a random Gaussian projection to ``projection_dim`` dimensions when the vectors have more;
-    each step updates every row's squared distance to its nearest chosen row with one matrix-vector product,
-    ``|z - c|^2 = |z|^2 - 2 z.c + |c|^2``.
-    """
+def projected_coreset(vectors: torch.Tensor, size: int, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
+    """Indices of ``size`` rows chosen by greedy k-centre selection (PatchCore's; ``memory_bank.greedy_coreset``),
+    on a random Gaussian projection to ``projection_dim`` dimensions when the vectors have more."""
     points = vectors.float()
     if points.shape[1] > projection_dim:
         generator = torch.Generator().manual_seed(seed)
         points = points @ (torch.randn(points.shape[1], projection_dim, generator=generator) / projection_dim**0.5)
-    norms = (points * points).sum(dim=1)
-    chosen = [0]
-    nearest = (norms - 2 * points @ points[0] + norms[0]).clamp_min_(0)
-    for _ in range(min(size, len(points)) - 1):
-        index = int(nearest.argmax())
-        chosen.append(index)
-        torch.minimum(nearest, (norms - 2 * points @ points[index] + norms[index]).clamp_min_(0), out=nearest)
-    return torch.tensor(chosen)
+    return greedy_coreset(points, size)
 
 
 def nearest_distance(features: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
@@ -152,7 +174,7 @@ def nearest_distance(features: torch.Tensor, memory: torch.Tensor) -> torch.Tens
 
 @torch.inference_mode()
 def score_test_set(
-    model: Any, dataset: Any, memories: dict[str, torch.Tensor], batch_size: int
+    model: Any, dataset: Any, memories: dict[str, torch.Tensor | FeatureMemory], batch_size: int
 ) -> tuple[dict[str, Scores], np.ndarray, np.ndarray, list[str]]:
     """Scores of FCDD and of every memory, the masks (N x H x W bool), the labels and each image's defect type."""
     net = model.model
@@ -166,7 +188,11 @@ def score_test_set(
         scores[FCDD].maps.append(fcdd.anomaly_map.float()[:, 0].numpy())
         features = net.backbone_features(images).float()
         for name, memory in memories.items():
-            distance_map = net.upsampler(nearest_distance(features, memory), size)
+            if isinstance(memory, FeatureMemory):
+                low_res = memory.distance_map(features)
+            else:
+                low_res = nearest_distance(features, memory)
+            distance_map = net.upsampler(low_res, size)
             scores[name].image += distance_map.flatten(1).amax(dim=1).tolist()
             scores[name].maps.append(distance_map[:, 0].numpy())
         mask = torch.as_tensor(batch.gt_mask).float().view(len(images), 1, *batch.gt_mask.shape[-2:])
@@ -174,6 +200,13 @@ def score_test_set(
         labels += torch.as_tensor(batch.gt_label).int().tolist()
         types += [Path(path).parent.name for path in batch.image_path]
     return scores, np.concatenate(masks), np.array(labels, dtype=bool), types
+
+
+def stored_values(memory: torch.Tensor | FeatureMemory) -> int:
+    """Numbers a scorer adds to the artefact: the vectors, and for the package's memory its mean and PCA basis."""
+    if isinstance(memory, FeatureMemory):
+        return memory.vectors.numel() + memory.basis.numel() + memory.mean.numel()
+    return memory.numel()
 
 
 def auroc_table(
@@ -215,18 +248,20 @@ def main(argv: list[str] | None = None) -> int:
 
     model, datamodule, seconds = train(args, args.work_dir)
     model.cpu().eval()
-    drawn = normal_memories(model, datamodule.train_data, args.memory_sizes, args.batch_size, args.seed)
-    memories = {f"memory of {size}": memory for size, memory in drawn.items()}
+    pool = PositionPool(POOL_SIZE, len(datamodule.train_data), torch.Generator().manual_seed(0))
+    drawn = normal_memories(model, datamodule.train_data, args.memory_sizes, args.batch_size, args.seed, pool)
+    memories: dict[str, torch.Tensor | FeatureMemory] = {f"memory of {size}": memory for size, memory in drawn.items()}
+    memories.update(package_memories(pool.vectors(), args.pca_memories))
     if args.coreset_fraction > 0:
         positions = all_positions(model, datamodule.train_data, args.batch_size)
         size = max(1, round(args.coreset_fraction * len(positions)))
         # One pass over every position per chosen vector: Magnetic-Tile's 6,272 of 627,200 took 14 min on 2 cores.
         print(f"Selecting a coreset of {size:,} of {len(positions):,} training positions ...", flush=True)
-        memories[f"coreset of {size}"] = positions[greedy_coreset(positions, size, seed=args.seed)].float()
+        memories[f"coreset of {size}"] = positions[projected_coreset(positions, size, seed=args.seed)].float()
         del positions
     scores, masks, labels, types = score_test_set(model, datamodule.test_data, memories, args.batch_size)
-    channels = next(iter(memories.values())).shape[1]
-    stored = {name: memory.numel() for name, memory in memories.items()}
+    channels = pool.vectors().shape[1]
+    stored = {name: stored_values(memory) for name, memory in memories.items()}
     overall, per_type = auroc_table(scores, masks, labels, types, stored)
     command = "python -m benchmarks.gap_diagnosis " + " ".join(argv if argv is not None else sys.argv[1:])
     section = "\n".join(
@@ -236,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             f"`{command.strip()}`, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {machine()}. `FcddHsc()` "
             f"({args.backbone}, {channels} channels) trained in {seconds:.0f} s on {len(datamodule.train_data)} "
             f"images, seed {args.seed}; {len(labels)} test images ({int(labels.sum())} defective). Memories: normal "
-            "feature vectors drawn at random from the training images; the coreset: a greedy k-centre selection of "
+            "feature vectors drawn at random from the training images; PCA memory S x D: the package's "
+            '`image_score="memory"` (S coreset vectors in D PCA dimensions, from a pool of '
+            f"{len(pool.vectors()):,} positions); the coreset: a greedy k-centre selection of "
             f"{args.coreset_fraction:g} of all training positions; each scored by nearest-neighbour distance through "
             "the same upsampler.",
             "",

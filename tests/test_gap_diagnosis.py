@@ -1,4 +1,5 @@
-"""benchmarks/gap_diagnosis.py: nearest-neighbour distances, a bounded memory draw and per-defect-type AUROC."""
+"""benchmarks/gap_diagnosis.py: nearest-neighbour distances, a bounded memory draw, the package memory's options and
+per-defect-type AUROC (the greedy selection itself: tests/test_memory_bank.py)."""
 
 from __future__ import annotations
 
@@ -22,19 +23,12 @@ def test_nearest_distance_is_the_euclidean_distance_to_the_closest_memory_vector
     assert distances.flatten().tolist() == pytest.approx(expected)
 
 
-def test_greedy_coreset_adds_the_point_farthest_from_those_chosen() -> None:
-    # Points 0, 1, 2, 10, 11 on a line. From 0 the farthest is 11; then 2 (2 from 0) beats 1 and 10 (1 from one chosen).
-    points = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0]])
-    assert gap_diagnosis.greedy_coreset(points, 3).tolist() == [0, 4, 2]
-    assert sorted(gap_diagnosis.greedy_coreset(points, 9).tolist()) == [0, 1, 2, 3, 4]  # at most every point
-
-
-def test_greedy_coreset_projects_wide_vectors_and_still_separates_far_clusters() -> None:
+def test_projected_coreset_projects_wide_vectors_and_still_separates_far_clusters() -> None:
     # Two tight clusters of 300-dimensional vectors, far apart: a coreset of two takes one from each.
     generator = torch.Generator().manual_seed(0)
     near = torch.randn(20, 300, generator=generator) * 0.01
     far = near + 100.0
-    chosen = gap_diagnosis.greedy_coreset(torch.cat([near, far]), 2, projection_dim=16)
+    chosen = gap_diagnosis.projected_coreset(torch.cat([near, far]), 2, projection_dim=16)
     assert chosen[0] == 0 and chosen[1] >= 20
 
 
@@ -60,7 +54,9 @@ def test_normal_memory_draws_distinct_positions_spread_over_every_training_image
     identity = SimpleNamespace(
         model=SimpleNamespace(backbone_features=lambda images: images), pre_processor=lambda images: images
     )
-    memories = gap_diagnosis.normal_memories(identity, _Images(count=5, side=4), [5, 12], batch_size=2, seed=0)
+    pool = gap_diagnosis.PositionPool(capacity=10, images=5)
+    memories = gap_diagnosis.normal_memories(identity, _Images(count=5, side=4), [5, 12], 2, seed=0, pool=pool)
+    assert pool.vectors().shape == (10, 2)  # the package memory's candidates come from the same pass
     alone = gap_diagnosis.normal_memories(identity, _Images(count=5, side=4), [12], batch_size=2, seed=0)
     assert torch.equal(memories[12], alone[12])  # a size draws the same vectors whichever sizes share the pass
     memory = memories[12]
@@ -98,16 +94,24 @@ def test_gap_diagnosis_names_a_missing_dataset(tmp_path: Path, capsys: pytest.Ca
     assert not output.exists()
 
 
+@pytest.mark.parametrize("spec", ["2000", "2000x", "0x64", "ax64"])
+def test_gap_diagnosis_refuses_malformed_pca_memories(spec: str) -> None:
+    with pytest.raises(SystemExit):
+        gap_diagnosis.parse_args(["--pca-memories", spec])
+
+
 @pytest.mark.slow
 def test_gap_diagnosis_reports_every_scorer(synthetic_root: Path, tmp_path: Path) -> None:
     output = tmp_path / "gap.md"
     arguments = ["--mvtec-root", str(synthetic_root), "--category", "synthetic", "--epochs", "1"]
     arguments += ["--passes-per-epoch", "1", "--memory-sizes", "40,160", "--work-dir", str(tmp_path / "w")]
+    arguments += ["--pca-memories", "50x8"]
     assert gap_diagnosis.main([*arguments, "--coreset-fraction", "0.01", "--output", str(output)]) == 0
-    starts = ("| FCDD", "| memory", "| coreset")
+    starts = ("| FCDD", "| memory", "| coreset", "| PCA")
     rows = [line.split("|") for line in output.read_text().splitlines() if line.startswith(starts)]
     # 16 training images, resized to the model's 224 px, give a 28 x 28 grid each: 12,544 positions, 1 % is 125.
-    names = [gap_diagnosis.FCDD, "memory of 40", "memory of 160", "coreset of 125"]
-    assert [row[1].strip() for row in rows[:4]] == names
+    names = [gap_diagnosis.FCDD, "memory of 40", "memory of 160", "PCA memory 50x8", "coreset of 125"]
+    assert [row[1].strip() for row in rows[:5]] == names
     assert rows[1][2].strip().startswith("9,280")  # 40 vectors x 232 channels
-    assert all(0.0 <= float(row[3]) <= 1.0 and 0.0 <= float(row[4]) <= 1.0 for row in rows[:4])
+    assert rows[3][2].strip().startswith("2,488")  # 50 x 8 vectors, the 232 x 8 basis and the 232-long mean
+    assert all(0.0 <= float(row[3]) <= 1.0 and 0.0 <= float(row[4]) <= 1.0 for row in rows[:5])

@@ -44,6 +44,7 @@ from .backbones import check_backbone_name, training_defaults
 from .backbones.weights import existing_weight_file
 from .feature_anomalies import SPREAD_IMAGES, SpreadAccumulator
 from .loss import FcddLoss, check_loss_name
+from .memory_bank import MEMORY_DIM, MEMORY_SIZE, POOL_SIZE, PositionPool
 from .pre_processing import (
     MVTEC_MINMAX,
     FcddPreProcessor,
@@ -132,6 +133,8 @@ NUMBER_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "anomaly_probability": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "gauss_std": (lambda v: v > 0, "above 0"),
     "feature_noise": (lambda v: v >= 0, "0 (off) or more"),
+    "memory_size": (lambda v: isinstance(v, int) and v >= 1, "a whole number of at least 1"),
+    "memory_dim": (lambda v: isinstance(v, int) and v >= 1, "a whole number of at least 1"),
 }
 
 
@@ -197,7 +200,11 @@ class FcddHsc(AnomalibModule):
         head: ``linear`` (the paper's 1x1 convolution) or ``mlp`` (two 1x1 convolutions, BatchNorm and ReLU between).
         heads: how many such heads train side by side, each from its own random start and on its own loss; the map
             is the mean of theirs (:class:`~.torch_model.FcddModel`). Averaging evens out the start each one depends on.
-        image_score: ``mean`` of the low-resolution map (the reference's) or ``max`` of the upsampled map.
+        image_score: ``mean`` of the low-resolution map (the reference's), ``max`` of the upsampled map, or
+            ``memory``: the peak of the upsampled distances to a small memory of normal feature vectors, built from
+            the clean training images when training ends (:mod:`.memory_bank`; the map stays FCDD's).
+        memory_size: vectors the memory keeps (greedy k-centre coreset; ``image_score="memory"`` only).
+        memory_dim: PCA dimensions each memory vector is stored in (at most the backbone's channels).
         feature_noise: relative size of the feature-space anomalies scored alongside every training batch (its
             features plus Gaussian noise, :mod:`.feature_anomalies`; not in the paper); 0 turns them off.
         confetti_with_real: with real training anomalies (semi-supervised datamodules), also corrupt the batch's
@@ -240,6 +247,8 @@ class FcddHsc(AnomalibModule):
         image_score: str | None = None,
         feature_noise: float | None = None,
         confetti_with_real: bool | None = None,
+        memory_size: int = MEMORY_SIZE,
+        memory_dim: int = MEMORY_DIM,
         pre_processor: PreProcessor | bool = True,
         post_processor: Any = True,
         evaluator: Evaluator | bool = True,
@@ -292,7 +301,11 @@ class FcddHsc(AnomalibModule):
             heads=_chosen(heads, defaults.heads),
             image_score=_chosen(image_score, defaults.image_score),
             feature_noise=_chosen(feature_noise, defaults.feature_noise),
+            memory_size=memory_size,
+            memory_dim=memory_dim,
         )
+        #: Optimiser step at which the memory was last built (``image_score="memory"``), ``None`` before.
+        self._memory_step: int | None = None
         self.loss = FcddLoss(loss)
         self.anomaly_generator = ConfettiAnomalyGenerator(
             probability=anomaly_probability,
@@ -351,6 +364,50 @@ class FcddHsc(AnomalibModule):
             nearest = Resize(self.image_size, interpolation=InterpolationMode.NEAREST)
             return resize_transform(self.image_size, self.resize)(images), nearest(masks.float()) > 0.5
         return images, masks
+
+    def on_validation_start(self) -> None:
+        """Build the memory of ``image_score="memory"`` before the first validation of a fit (and again before later
+        ones if training changes the backbone's features), so validation and every later use score with it."""
+        if self.model.memory is None or self._trainer is None or self.trainer.state.fn != "fit":
+            return
+        step = self.trainer.global_step
+        stale = self._memory_step is None or (self.model.features_change_in_training and step != self._memory_step)
+        if stale or not self.model.memory.ready:
+            self._build_memory()
+            self._memory_step = step
+
+    def on_train_end(self) -> None:
+        """A fit that never validated still leaves a memory behind."""
+        if self.model.memory is not None and self._memory_step != self.trainer.global_step:
+            self._build_memory()
+            self._memory_step = self.trainer.global_step
+
+    @torch.no_grad()
+    def _build_memory(self) -> None:
+        """Fill the memory from the clean normal training images, resized as for testing, in eval mode
+        (:mod:`.memory_bank`: a bounded pool of positions, its PCA basis, a greedy coreset in it)."""
+        memory = self.model.memory
+        dataset = getattr(self.trainer.datamodule, "train_data", None)
+        images = len(dataset) if dataset is not None else self.trainer.num_training_batches
+        started = time.perf_counter()
+        pool = PositionPool(POOL_SIZE, max(1, images), torch.Generator().manual_seed(0))
+        resize = resize_transform(self.image_size, self.resize)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in self._normal_training_images():
+                pool.add(self.model.backbone_features(resize(batch)))
+        finally:
+            self.model.train(was_training)
+        vectors = pool.vectors()
+        memory.fit(vectors.to(self.device))
+        logger.info(
+            "FCDD: image-score memory of %d vectors (%d PCA dimensions) chosen from %d training positions in %.1f s.",
+            len(memory.vectors),
+            memory.basis.shape[1],
+            len(vectors),
+            time.perf_counter() - started,
+        )
 
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Score the validation batch (anomalib's post-processor fits thresholds on these outputs)."""

@@ -9,8 +9,9 @@ For an image ``x`` in [0, 1] the network computes::
 
 In eval mode it returns anomalib's ``InferenceBatch`` with ``anomaly_map = A`` and the image score ``pred_score``:
 ``mean(H)``, the mean of the *low-resolution* map, as the reference's ``reduce_ascore`` does (``image_score="mean"``),
-or ``max(A)``, the peak of the smoothed map (``image_score="max"``), which does not dilute a small defect by the
-normal area around it.
+``max(A)``, the peak of the smoothed map (``image_score="max"``), which does not dilute a small defect by the
+normal area around it, or ``max(upsample(D))`` with ``D`` each feature vector's distance to a small memory of normal
+ones (``image_score="memory"``, :mod:`.memory_bank`; not in the paper), while the map stays ``A``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .acceleration import Acceleration
 from .anomaly_map import ReceptiveField, ReceptiveFieldUpsampler
 from .backbones import WeightsError, build_backbone, derive_receptive_field
 from .feature_anomalies import FeatureNoise
+from .memory_bank import MEMORY_DIM, MEMORY_SIZE, FeatureMemory
 from .pre_processing import InputNormalization, WeightsNormalization, resolve_input_normalization
 
 logger = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ def pseudo_huber(phi: torch.Tensor) -> torch.Tensor:
 
 #: ``head`` and ``image_score`` choices.
 HEADS = ("linear", "mlp")
-IMAGE_SCORES = ("mean", "max")
+IMAGE_SCORES = ("mean", "max", "memory")
 #: Width of the hidden layer of the ``mlp`` head.
 MLP_HIDDEN = 128
 
@@ -120,7 +122,10 @@ class FcddModel(nn.Module):
             (:func:`~.pre_processing.resolve_input_normalization`).
         head: ``linear``, the paper's 1x1 convolution ``C -> 1``, or ``mlp``, two 1x1 convolutions ``C -> 128 -> 1``
             with BatchNorm and ReLU between: still one scalar per feature vector, from a nonlinear function of it.
-        image_score: ``mean`` of the low-resolution map (the reference's) or ``max`` of the upsampled map.
+        image_score: ``mean`` of the low-resolution map (the reference's), ``max`` of the upsampled map, or
+            ``memory``: the maximum of the upsampled distances to a memory of normal features (:mod:`.memory_bank`),
+            which ``FcddHsc`` builds when training ends.
+        memory_size, memory_dim: vectors in that memory and their PCA dimensions (``image_score="memory"`` only).
         feature_noise: while training, also score a copy of the batch's features moved off by Gaussian noise of this
             relative size, as anomalies (:mod:`.feature_anomalies`); 0 turns it off (the paper).
         heads: number of heads trained side by side, each from its own random start and on its own loss; the map is
@@ -143,9 +148,13 @@ class FcddModel(nn.Module):
         image_score: str = "mean",
         feature_noise: float = 0.0,
         heads: int = 1,
+        memory_size: int = MEMORY_SIZE,
+        memory_dim: int = MEMORY_DIM,
     ) -> None:
         super().__init__()
         self.image_score = check_image_score(image_score)
+        # Only models that score with it carry the memory, so other checkpoints keep their keys.
+        self.memory = FeatureMemory(memory_size, memory_dim) if image_score == "memory" else None
         self.feature_noise = FeatureNoise(feature_noise) if feature_noise > 0 else None
         self.backbone_name = backbone
         self.acceleration = Acceleration(accelerate)
@@ -206,9 +215,20 @@ class FcddModel(nn.Module):
                 "backbone weight; none was loaded before it was used.)"
             )
 
+    @property
+    def features_change_in_training(self) -> bool:
+        """Whether training changes what the backbone computes: a trainable layer, or frozen BatchNorms kept in train
+        mode (their running statistics move). A memory of its features then has to be rebuilt after training."""
+        trainable = any(parameter.requires_grad for parameter in self.features.parameters())
+        return trainable or (self.frozen_bn_train_mode and bool(self._frozen_batchnorms))
+
     def low_resolution_map(self, images: torch.Tensor) -> torch.Tensor:
         """Pseudo-Huber map ``H`` (B x 1 x h x w) of [0, 1] images: the mean over the heads of each one's map."""
-        return pseudo_huber(self.head_output(self.backbone_features(images))).mean(dim=1, keepdim=True)
+        return self.map_of_features(self.backbone_features(images))
+
+    def map_of_features(self, features: torch.Tensor) -> torch.Tensor:
+        """``H`` (B x 1 x h x w) from the backbone's features: the mean of the heads' pseudo-Huber distances."""
+        return pseudo_huber(self.head_output(features)).mean(dim=1, keepdim=True)
 
     def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's feature map (B x C x h x w) of [0, 1] images: what the head scores."""
@@ -240,8 +260,12 @@ class FcddModel(nn.Module):
         """Train mode: :class:`FcddTrainOutput`; eval mode: ``InferenceBatch(pred_score, anomaly_map)``."""
         if self.training:
             return self.training_output(images)
-        low_res = self.low_resolution_map(images)
+        features = self.backbone_features(images)
+        low_res = self.map_of_features(features)
         anomaly_map = self.upsampler(low_res, images.shape[-2:])
+        if self.memory is not None:
+            distances = self.upsampler(self.memory.distance_map(features), images.shape[-2:])
+            return InferenceBatch(pred_score=distances.amax(dim=(1, 2, 3)), anomaly_map=anomaly_map)
         if self.image_score == "max":
             return InferenceBatch(pred_score=anomaly_map.amax(dim=(1, 2, 3)), anomaly_map=anomaly_map)
         return InferenceBatch(pred_score=low_res.mean(dim=(1, 2, 3)), anomaly_map=anomaly_map)

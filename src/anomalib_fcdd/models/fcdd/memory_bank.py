@@ -1,0 +1,161 @@
+"""A small memory of normal feature vectors: the image score of ``image_score="memory"``.
+
+Not in the paper. FCDD's heads draw good maps, but they sort whole images less well than a nearest-neighbour
+memory on the *same* frozen features: the images they rank too high carry rare normal content (highlights, stains, a
+tile's edge) that a loss pulling the bulk of the normal features to the centre does not keep, and a memory selected
+to cover the feature space does (``benchmarks/results/gap_diagnosis.md``). With this score the pixel map stays
+FCDD's; only ``pred_score`` comes from the memory.
+
+Built once after training (:meth:`FcddHsc._build_memory`) from the clean normal training images:
+
+1. ``PositionPool``: at most ``pool_size`` feature vectors, the same number of random positions from every image,
+   so memory stays bounded however large the training set;
+2. a PCA basis of the pool, ``z = (f - mu) W`` with ``W`` the ``dim`` leading principal directions (C x dim):
+   stores a vector in ``dim`` numbers instead of C (232 for the default backbone);
+3. greedy k-centre selection (PatchCore's coreset) of ``size`` pool vectors in that subspace: start anywhere, then
+   repeatedly add the vector farthest from everything chosen.
+
+At inference every position's distance to its nearest memory vector, ``d = min_m |z - z_m|``, forms a low-resolution
+map; the image score is the maximum of its Gaussian upsampling (:class:`~.anomaly_map.ReceptiveFieldUpsampler`), the
+same smoothing the pixel map gets.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Defaults: vectors kept, their PCA dimensions, and the bound on the candidate pool the selection draws from.
+MEMORY_SIZE = 2000
+MEMORY_DIM = 64
+POOL_SIZE = 50_000
+
+
+class PositionPool:
+    """Up to ``capacity`` feature vectors drawn from ``images`` images, ``ceil(capacity / images)`` random positions
+    from each (all of an image's positions when it has fewer); held as float32."""
+
+    def __init__(self, capacity: int, images: int, generator: torch.Generator | None = None) -> None:
+        if capacity < 1 or images < 1:
+            raise ValueError(f"A pool needs a capacity and images, got capacity={capacity}, images={images}.")
+        self.capacity = capacity
+        self.per_image = math.ceil(capacity / images)
+        self.generator = generator
+        self._parts: list[torch.Tensor] = []
+        self._count = 0
+
+    def add(self, features: torch.Tensor) -> None:
+        """Draw from a B x C x h x w batch of feature maps (stops taking once full)."""
+        room = self.capacity - self._count
+        if room <= 0:
+            return
+        vectors = features.detach().float().flatten(2).transpose(1, 2)  # B x positions x C
+        keep = min(self.per_image, vectors.shape[1])
+        order = torch.rand(vectors.shape[:2], generator=self.generator).argsort(dim=1)[:, :keep].to(vectors.device)
+        picked = torch.gather(vectors, 1, order[..., None].expand(-1, -1, vectors.shape[2])).flatten(0, 1)[:room]
+        self._parts.append(picked.cpu())
+        self._count += len(picked)
+
+    def vectors(self) -> torch.Tensor:
+        """The pooled vectors (N x C); an error when nothing was added."""
+        if not self._parts:
+            raise ValueError("The memory's pool is empty: the training set gave no normal image.")
+        return torch.cat(self._parts)
+
+
+def principal_basis(vectors: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``mu`` (C) and the ``dim`` leading principal directions ``W`` (C x dim) of N x C ``vectors``.
+
+    Eigenvectors of the covariance ``(X - mu)^T (X - mu) / N``, in float64, by decreasing eigenvalue; each direction's
+    sign is fixed (largest component positive) so the basis does not flip between runs of the same data.
+    """
+    data = vectors.double()
+    mean = data.mean(dim=0)
+    centred = data - mean
+    values, directions = torch.linalg.eigh(centred.T @ centred / len(data))
+    basis = directions[:, values.argsort(descending=True)[: min(dim, data.shape[1])]]
+    signs = torch.sign(basis.gather(0, basis.abs().argmax(dim=0, keepdim=True)))
+    return mean.float(), (basis * signs).float()
+
+
+def greedy_coreset(points: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices of ``size`` rows of N x d ``points`` by greedy k-centre selection, starting from row 0.
+
+    Each step adds the row farthest from everything chosen and updates every row's squared distance to its nearest
+    chosen row with one matrix-vector product, ``|z - c|^2 = |z|^2 - 2 z.c + |c|^2``.
+    """
+    points = points.float()
+    norms = (points * points).sum(dim=1)
+    chosen = [0]
+    nearest = (norms - 2 * points @ points[0] + norms[0]).clamp_min_(0)
+    for _ in range(min(size, len(points)) - 1):
+        index = int(nearest.argmax())
+        chosen.append(index)
+        torch.minimum(nearest, (norms - 2 * points @ points[index] + norms[index]).clamp_min_(0), out=nearest)
+    return torch.tensor(chosen)
+
+
+class FeatureMemory(nn.Module):
+    """Coreset of normal feature vectors in a PCA subspace; :meth:`distance_map` scores features against it.
+
+    The three buffers start empty and are saved with the model (checkpoint, exported graph); a state dict brings
+    its own shapes, so a trained memory loads into a freshly built model.
+    """
+
+    def __init__(self, size: int = MEMORY_SIZE, dim: int = MEMORY_DIM) -> None:
+        super().__init__()
+        self.size, self.dim = size, dim
+        self.register_buffer("mean", torch.zeros(0))
+        self.register_buffer("basis", torch.zeros(0, 0))
+        self.register_buffer("vectors", torch.zeros(0, 0))
+
+    @property
+    def ready(self) -> bool:
+        """Whether a memory has been built or loaded."""
+        return self.vectors.numel() > 0
+
+    @torch.no_grad()
+    def fit(self, pool: torch.Tensor) -> None:
+        """Build the memory from N x C normal feature vectors: PCA basis, then the greedy coreset in it."""
+        mean, basis = principal_basis(pool, self.dim)
+        projected = (pool.float() - mean) @ basis
+        chosen = greedy_coreset(projected, self.size)
+        device = self.mean.device
+        self.mean, self.basis, self.vectors = mean.to(device), basis.to(device), projected[chosen].to(device)
+
+    def distance_map(self, features: torch.Tensor) -> torch.Tensor:
+        """``min_m |(f - mu) W - z_m|`` at every position of B x C x h x w ``features``: B x 1 x h x w, in fp32.
+
+        Squared distances as ``|z|^2 - 2 z.z_m + |z_m|^2`` (two matrix products, which export to ONNX/OpenVINO as
+        such), clamped at 0 against rounding before the square root.
+        """
+        if not self.ready:
+            raise RuntimeError(
+                "image_score='memory' needs the memory of normal features that training builds at its end; this "
+                "model has none. Train it (anomalib-fcdd train / Engine.fit), or load a checkpoint trained with "
+                "image_score='memory'."
+            )
+        batch, _, height, width = features.shape
+        with torch.autocast(features.device.type, enabled=False):
+            vectors = (features.float().flatten(2).transpose(1, 2) - self.mean) @ self.basis  # B x hw x dim
+            squared = (
+                (vectors * vectors).sum(dim=2, keepdim=True)
+                - 2 * vectors @ self.vectors.T
+                + (self.vectors * self.vectors).sum(dim=1)
+            )
+            nearest = squared.amin(dim=2).clamp_min(0).sqrt()
+        return nearest.view(batch, 1, height, width)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Take the saved memory's shapes before loading it (the buffers start empty)."""
+        for name in ("mean", "basis", "vectors"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, dim={self.dim}, ready={self.ready}"

@@ -1,0 +1,181 @@
+"""The memory of normal features behind ``image_score="memory"``: pool, PCA basis, coreset, distances, training,
+checkpoints and export."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import pytest
+import torch
+from anomalib.engine import Engine
+from lightning.pytorch import seed_everything
+
+from anomalib_fcdd import FcddHsc
+from anomalib_fcdd.data import MVTec
+from anomalib_fcdd.errors import ConfigurationError
+from anomalib_fcdd.models.fcdd import FcddModel
+from anomalib_fcdd.models.fcdd.memory_bank import FeatureMemory, PositionPool, greedy_coreset, principal_basis
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The parts, against hand computations
+# ---------------------------------------------------------------------------------------------------------------------
+def test_greedy_coreset_adds_the_point_farthest_from_those_chosen() -> None:
+    # On a line at 0, 1, 2, 3, 10: start at 0, then 10 (farthest), then 3 (3 from 0, 7 from 10); then 1 and 2 both lie
+    # 1 from a chosen point (0 and 3), and the first of the tie, index 1, comes fourth.
+    points = torch.tensor([[0.0], [1.0], [2.0], [3.0], [10.0]])
+    assert greedy_coreset(points, 3).tolist() == [0, 4, 3]
+    assert greedy_coreset(points, 4).tolist() == [0, 4, 3, 1]
+    assert sorted(greedy_coreset(points, 9).tolist()) == [0, 1, 2, 3, 4]  # at most every point
+
+
+def test_principal_basis_finds_the_axes_of_an_elongated_cloud() -> None:
+    # Points spread 10 along the second axis, 1 along the third and not at all along the first, centred at (5, 1, -2).
+    generator = torch.Generator().manual_seed(0)
+    offsets = torch.randn(2000, 3, generator=generator) * torch.tensor([0.0, 10.0, 1.0])
+    mean, basis = principal_basis(offsets + torch.tensor([5.0, 1.0, -2.0]), 2)
+    torch.testing.assert_close(mean, torch.tensor([5.0, 1.0, -2.0]), atol=0.6, rtol=0)
+    torch.testing.assert_close(basis, torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), atol=1e-2, rtol=0)
+
+
+def test_position_pool_takes_the_same_number_of_distinct_positions_from_every_image() -> None:
+    # 3 images of 2 x 3 positions; each vector encodes (image, position) so the draw can be read back.
+    images, positions = 3, 6
+    codes = torch.arange(images * positions, dtype=torch.float32).view(images, 1, 2, 3)
+    features = torch.cat([codes, -codes], dim=1)  # B x 2 x 2 x 3
+    pool = PositionPool(capacity=7, images=images, generator=torch.Generator().manual_seed(0))
+    assert pool.per_image == math.ceil(7 / 3) == 3
+    pool.add(features[:2])
+    pool.add(features[2:])
+    pool.add(features)  # full: ignored
+    vectors = pool.vectors()
+    assert vectors.shape == (7, 2)
+    torch.testing.assert_close(vectors[:, 1], -vectors[:, 0])
+    drawn = vectors[:, 0].long()
+    assert len(set(drawn.tolist())) == 7, "no position twice"
+    assert (drawn // positions).tolist().count(0) == 3 and (drawn // positions).tolist().count(1) == 3
+
+
+def test_empty_pool_says_why() -> None:
+    with pytest.raises(ValueError, match="no normal image"):
+        PositionPool(capacity=5, images=2).vectors()
+
+
+def test_a_full_dimensional_memory_measures_plain_euclidean_distances() -> None:
+    # PCA with every dimension is a rotation about the mean: distances in it are the original ones. With room for
+    # every pool vector, the map is each position's distance to its nearest pool vector, computed here by brute force.
+    generator = torch.Generator().manual_seed(1)
+    pool = torch.randn(40, 5, generator=generator) * torch.tensor([3.0, 2.0, 1.0, 0.5, 0.1])
+    memory = FeatureMemory(size=40, dim=5)
+    memory.fit(pool)
+    features = torch.randn(2, 5, 3, 4, generator=generator)
+    queries = features.flatten(2).transpose(1, 2)  # 2 x 12 x 5
+    expected = (queries[:, :, None, :] - pool[None, None]).pow(2).sum(-1).amin(-1).sqrt().view(2, 1, 3, 4)
+    torch.testing.assert_close(memory.distance_map(features), expected, atol=1e-4, rtol=1e-4)
+    # a pool vector itself lies at distance 0
+    torch.testing.assert_close(
+        memory.distance_map(pool[:3].T.reshape(1, 5, 1, 3)), torch.zeros(1, 1, 1, 3), atol=2e-3, rtol=0
+    )
+
+
+def test_a_one_dimensional_memory_measures_along_the_main_axis_only() -> None:
+    # Pool on the x axis at -2, 0, 2 (mean 0) plus a tiny y spread: one PCA dimension keeps x. A query at (1.5, 7)
+    # projects to x = 1.5, whose nearest memory point is 2: distance 0.5, the y offset ignored.
+    pool = torch.tensor([[-2.0, 0.01], [0.0, -0.02], [2.0, 0.01]])  # x and y uncorrelated
+    memory = FeatureMemory(size=3, dim=1)
+    memory.fit(pool)
+    query = torch.tensor([1.5, 7.0]).view(1, 2, 1, 1)
+    torch.testing.assert_close(memory.distance_map(query), torch.tensor([[[[0.5]]]]), atol=1e-4, rtol=0)
+
+
+def test_unbuilt_memory_says_how_to_get_one() -> None:
+    with pytest.raises(RuntimeError, match="Train it"):
+        FeatureMemory().distance_map(torch.zeros(1, 4, 2, 2))
+
+
+def test_a_trained_memory_loads_into_a_fresh_model() -> None:
+    memory = FeatureMemory(size=4, dim=2)
+    memory.fit(torch.randn(20, 3, generator=torch.Generator().manual_seed(2)))
+    fresh = FeatureMemory(size=4, dim=2)
+    assert not fresh.ready
+    fresh.load_state_dict(memory.state_dict())
+    assert fresh.ready
+    features = torch.randn(1, 3, 2, 2)
+    torch.testing.assert_close(fresh.distance_map(features), memory.distance_map(features))
+
+
+def test_only_memory_scored_models_carry_a_memory() -> None:
+    assert FcddModel(pre_trained=False, image_score="max").memory is None
+    model = FcddModel(pre_trained=False, image_score="memory", memory_size=7, memory_dim=3, frozen_bn_train_mode=False)
+    assert (model.memory.size, model.memory.dim) == (7, 3)
+    assert not model.features_change_in_training, "the multi-scale backbone is frozen and its BatchNorms in eval"
+    assert FcddModel(backbone="vgg11_bn", pre_trained=False).features_change_in_training
+
+
+@pytest.mark.parametrize(("name", "value"), [("memory_size", 0), ("memory_dim", 2.5)])
+def test_impossible_memory_options_are_refused(name: str, value: object) -> None:
+    with pytest.raises(ConfigurationError, match=name):
+        FcddHsc(pre_trained=False, image_score="memory", **{name: value})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training, checkpoint and export
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[FcddHsc, Engine]:
+    seed_everything(0, workers=True)
+    datamodule = MVTec(root=synthetic_root, category="synthetic", train_batch_size=8, eval_batch_size=8, num_workers=0)
+    model = FcddHsc(image_score="memory", memory_size=300, memory_dim=16, image_size=64, epochs=1, passes_per_epoch=1)
+    engine = Engine(
+        default_root_dir=tmp_path_factory.mktemp("memory_run"),
+        logger=False,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    engine.fit(model, datamodule=datamodule)
+    return model.eval(), engine
+
+
+def test_training_builds_the_memory_from_the_normal_training_images(trained: tuple[FcddHsc, Engine]) -> None:
+    model, _ = trained
+    memory = model.model.memory
+    # 16 training images of 8 x 8 positions at 64 px: 1,024 candidates, 300 kept, 16 PCA dimensions of 232 channels
+    assert memory.vectors.shape == (300, 16) and memory.basis.shape == (232, 16) and memory.mean.shape == (232,)
+    torch.testing.assert_close(memory.basis.T @ memory.basis, torch.eye(16), atol=1e-4, rtol=0)
+
+
+def test_image_score_is_the_peak_of_the_upsampled_memory_distances(trained: tuple[FcddHsc, Engine]) -> None:
+    model, _ = trained
+    net = model.model
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        output = net(images)
+        features = net.backbone_features(images)
+        vectors = (features.flatten(2).transpose(1, 2) - net.memory.mean) @ net.memory.basis
+        nearest = torch.cdist(vectors, net.memory.vectors[None].expand(2, -1, -1)).amin(-1).view(2, 1, 8, 8)
+        expected = net.upsampler(nearest, (64, 64)).amax(dim=(1, 2, 3))
+        heads_map = net.upsampler(net.low_resolution_map(images), (64, 64))
+    torch.testing.assert_close(output.pred_score, expected, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(output.anomaly_map, heads_map)  # the map stays FCDD's
+
+
+def test_checkpoint_and_openvino_export_score_with_the_memory(trained: tuple[FcddHsc, Engine], tmp_path: Path) -> None:
+    model, engine = trained
+    callback = engine.trainer.checkpoint_callback
+    checkpoint = callback.best_model_path or callback.last_model_path
+    reloaded = FcddHsc.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = model.model(images).pred_score
+        torch.testing.assert_close(reloaded.model(images).pred_score, expected)
+        eager = model(images)
+    path = model.to_openvino(tmp_path / "ov", onnx_kwargs={"opset_version": 18})
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    result = compiled(images.numpy())
+    outputs = {output.any_name: result[output] for output in compiled.outputs}
+    np.testing.assert_allclose(outputs["pred_score"].reshape(-1), eager.pred_score.numpy().reshape(-1), atol=1e-4)
+    np.testing.assert_allclose(outputs["anomaly_map"], eager.anomaly_map.numpy(), atol=1e-4)
