@@ -136,6 +136,14 @@ def build_model(name: str, input_size: int) -> Any:
         return FcddHsc(
             backbone="efficientnet_lite0_multiscale", heads=1, image_size=input_size, epochs=1, passes_per_epoch=1
         )
+    if name == "fcdd_efficientnet_lite0_multiscale_max":  # the default before its memory image score (the heads' peak)
+        return FcddHsc(
+            backbone="efficientnet_lite0_multiscale",
+            image_score="max",
+            image_size=input_size,
+            epochs=1,
+            passes_per_epoch=1,
+        )
     if name in {"padim", "patchcore"}:
         return build_baseline(name, image_size=input_size)
     if name == "patchcore_wrn50":  # anomalib's default backbone; random weights (timing only, no offline weights)

@@ -273,9 +273,13 @@ def main(argv: list[str] | None = None) -> int:
             f"images, seed {args.seed}; {len(labels)} test images ({int(labels.sum())} defective). Memories: normal "
             "feature vectors drawn at random from the training images; PCA memory S x D: the package's "
             '`image_score="memory"` (S coreset vectors in D PCA dimensions, from a pool of '
-            f"{len(pool.vectors()):,} positions); the coreset: a greedy k-centre selection of "
-            f"{args.coreset_fraction:g} of all training positions; each scored by nearest-neighbour distance through "
-            "the same upsampler.",
+            f"{len(pool.vectors()):,} positions)"
+            + (
+                f"; the coreset: a greedy k-centre selection of {args.coreset_fraction:g} of all training positions"
+                if args.coreset_fraction > 0
+                else ""
+            )
+            + "; each scored by nearest-neighbour distance through the same upsampler.",
             "",
             "| scorer | memory values | image AUROC | pixel AUROC |",
             "|---|---|---|---|",

@@ -84,7 +84,7 @@ def test_trainer_arguments_convert_paper_epochs() -> None:
     ("backbone", "optimizer", "lr", "passes", "head", "score"),
     [
         ("vgg11_bn", "sgd", 1e-3, (500, -1), "linear", "mean"),  # the paper's recipe: 50 epochs x 10 passes
-        ("efficientnet_lite0_multiscale", "adam", 1e-3, (-1, 500), "mlp", "max"),  # 500 steps, however many passes
+        ("efficientnet_lite0_multiscale", "adam", 1e-3, (-1, 500), "mlp", "memory"),  # 500 steps, however many passes
     ],
 )
 def test_unset_training_options_take_the_backbones_documented_defaults(
@@ -256,7 +256,11 @@ def test_docs_table_of_training_defaults_matches_the_code() -> None:
         assert schedule[defaults.lr_schedule] in row["optimiser, lr"], (name, row["optimiser, lr"])
         assert row["head"].lower().startswith(defaults.head), (name, row["head"])
         assert (f"× {defaults.heads}" in row["head"]) == (defaults.heads > 1), (name, row["head"])
-        score = {"mean": "mean of the low-resolution map", "max": "max of the upsampled map"}[defaults.image_score]
+        score = {
+            "mean": "mean of the low-resolution map",
+            "max": "max of the upsampled map",
+            "memory": "max of the upsampled distances to a memory of normal features",
+        }[defaults.image_score]
         assert row["image score"] == score, (name, row["image score"])
         assert row["anomaly fill"].startswith(defaults.anomaly_fill), (name, row["anomaly fill"])
         noise = "none" if defaults.feature_noise == 0 else f"σ = {defaults.feature_noise:g}"
