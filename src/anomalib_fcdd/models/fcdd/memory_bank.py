@@ -131,8 +131,10 @@ class FeatureMemory(nn.Module):
     def distance_map(self, features: torch.Tensor) -> torch.Tensor:
         """``min_m |(f - mu) W - z_m|`` at every position of B x C x h x w ``features``: B x 1 x h x w, in fp32.
 
-        Squared distances as ``|z|^2 - 2 z.z_m + |z_m|^2`` (two matrix products, which export to ONNX/OpenVINO as
-        such), clamped at 0 against rounding before the square root.
+        Squared distances as ``min_m (|z_m|^2 - 2 z.z_m) + |z|^2``: one matrix product with the bias added inside it
+        (``addmm``, an ONNX ``Gemm``) and one reduction over the memory; ``|z|^2`` is the same for every ``m``, so it
+        is added after the minimum (half the time of forming every full distance first). Clamped at 0 against
+        rounding before the square root; fp32 throughout, since bf16 would lose the small difference of large terms.
         """
         if not self.ready:
             raise RuntimeError(
@@ -142,14 +144,12 @@ class FeatureMemory(nn.Module):
             )
         batch, _, height, width = features.shape
         with torch.autocast(features.device.type, enabled=False):
-            vectors = (features.float().flatten(2).transpose(1, 2) - self.mean) @ self.basis  # B x hw x dim
-            squared = (
-                (vectors * vectors).sum(dim=2, keepdim=True)
-                - 2 * vectors @ self.vectors.T
-                + (self.vectors * self.vectors).sum(dim=1)
-            )
-            nearest = squared.amin(dim=2).clamp_min(0).sqrt()
-        return nearest.view(batch, 1, height, width)
+            flat = features.float().flatten(2).transpose(1, 2).reshape(-1, features.shape[1])  # B*hw x C
+            vectors = (flat - self.mean) @ self.basis  # B*hw x dim
+            memory_norms = (self.vectors * self.vectors).sum(dim=1)
+            nearest = torch.addmm(memory_norms, vectors, self.vectors.T, alpha=-2).amin(dim=1)
+            distances = (nearest + (vectors * vectors).sum(dim=1)).clamp_min(0).sqrt()
+        return distances.view(batch, 1, height, width)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         """Take the saved memory's shapes before loading it (the buffers start empty)."""
