@@ -179,3 +179,23 @@ def test_checkpoint_and_openvino_export_score_with_the_memory(trained: tuple[Fcd
     outputs = {output.any_name: result[output] for output in compiled.outputs}
     np.testing.assert_allclose(outputs["pred_score"].reshape(-1), eager.pred_score.numpy().reshape(-1), atol=1e-4)
     np.testing.assert_allclose(outputs["anomaly_map"], eager.anomaly_map.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize(("backbone", "builds"), [("efficientnet_lite0_multiscale", 1), ("efficientnet_lite0", 2)])
+def test_the_memory_is_rebuilt_only_when_training_changes_the_features(
+    backbone: str, builds: int, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two paper epochs, each validated: the frozen multi-scale backbone's memory is built once; efficientnet_lite0
+    # trains its stride-8 stage, so its memory is rebuilt before the second validation, and not again at the end.
+    calls = []
+    original = FcddHsc._build_memory
+    monkeypatch.setattr(FcddHsc, "_build_memory", lambda self: (calls.append(self.trainer.global_step), original(self)))
+    datamodule = MVTec(root=synthetic_root, category="synthetic", train_batch_size=8, eval_batch_size=8, num_workers=0)
+    model = FcddHsc(
+        backbone=backbone, pre_trained=False, image_score="memory", memory_size=50, image_size=64, epochs=2,
+        passes_per_epoch=1, frozen_bn_train_mode=False, visualizer=False,
+    )  # fmt: skip
+    engine = Engine(default_root_dir=tmp_path, logger=False, accelerator="cpu", enable_progress_bar=False)
+    engine.fit(model, datamodule=datamodule)
+    assert len(calls) == builds
+    assert model.model.memory.ready

@@ -368,27 +368,37 @@ class FcddHsc(AnomalibModule):
     def on_validation_start(self) -> None:
         """Build the memory of ``image_score="memory"`` before the first validation of a fit (and again before later
         ones if training changes the backbone's features), so validation and every later use score with it."""
-        if self.model.memory is None or self._trainer is None or self.trainer.state.fn != "fit":
-            return
-        step = self.trainer.global_step
-        stale = self._memory_step is None or (self.model.features_change_in_training and step != self._memory_step)
-        if stale or not self.model.memory.ready:
-            self._build_memory()
-            self._memory_step = step
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self._refresh_memory()
 
     def on_train_end(self) -> None:
         """A fit that never validated still leaves a memory behind."""
-        if self.model.memory is not None and self._memory_step != self.trainer.global_step:
+        self._refresh_memory()
+
+    def _refresh_memory(self) -> None:
+        """(Re)build the memory where it is missing, or stale because training has changed the features since."""
+        memory = self.model.memory
+        if memory is None:
+            return
+        step = self.trainer.global_step
+        changed = self.model.features_change_in_training and step != self._memory_step
+        if self._memory_step is None or changed or not memory.ready:
             self._build_memory()
-            self._memory_step = self.trainer.global_step
+            self._memory_step = step
 
     @torch.no_grad()
     def _build_memory(self) -> None:
         """Fill the memory from the clean normal training images, resized as for testing, in eval mode
         (:mod:`.memory_bank`: a bounded pool of positions, its PCA basis, a greedy coreset in it)."""
         memory = self.model.memory
-        dataset = getattr(self.trainer.datamodule, "train_data", None)
-        images = len(dataset) if dataset is not None else self.trainer.num_training_batches
+        datamodule = self.trainer.datamodule
+        dataset = getattr(datamodule, "train_data", None)
+        if dataset is not None:
+            images = len(dataset)
+        else:  # no dataset to count: the training loader's batches times their size (an endless loader: a guess)
+            batches = self.trainer.num_training_batches
+            size = getattr(datamodule, "train_batch_size", 1)
+            images = int(batches) * size if math.isfinite(batches) else POOL_SIZE
         started = time.perf_counter()
         pool = PositionPool(POOL_SIZE, max(1, images), torch.Generator().manual_seed(0))
         resize = resize_transform(self.image_size, self.resize)
