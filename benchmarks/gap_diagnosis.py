@@ -3,7 +3,7 @@
 Trains ``FcddHsc()`` with every default on one MVTec-layout category, then scores its test set two ways on the *same*
 frozen backbone features (``FcddModel.backbone_features``) and through the same Gaussian upsampler:
 
-* FCDD: the heads' map, the model's own (image score: its maximum);
+* FCDD: the heads' map (image score: its maximum, ``image_score="max"``, whatever the model's default);
 * memory of M: each feature vector's Euclidean distance to the nearest of M feature vectors drawn at random from the
   normal training images (PatchCore without its coreset selection and neighbourhood pooling), upsampled alike;
 * coreset: the same distance to a greedy k-centre selection of a fraction of all training positions (PatchCore's
@@ -184,7 +184,7 @@ def score_test_set(
         images = model.pre_processor(batch.image)
         size = images.shape[-2:]
         fcdd = net(images)
-        scores[FCDD].image += fcdd.pred_score.float().flatten().tolist()
+        scores[FCDD].image += fcdd.anomaly_map.float().flatten(1).amax(dim=1).tolist()  # the heads' peak
         scores[FCDD].maps.append(fcdd.anomaly_map.float()[:, 0].numpy())
         features = net.backbone_features(images).float()
         for name, memory in memories.items():
