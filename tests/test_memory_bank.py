@@ -199,3 +199,18 @@ def test_the_memory_is_rebuilt_only_when_training_changes_the_features(
     engine.fit(model, datamodule=datamodule)
     assert len(calls) == builds
     assert model.model.memory.ready
+
+
+def test_weights_saved_without_a_memory_load_and_score_by_the_maps_peak(caplog: pytest.LogCaptureFixture) -> None:
+    # A checkpoint of the multi-scale model from before the memory became its default holds no memory keys.
+    old = FcddModel(pre_trained=False, minmax="bottle", image_score="max", frozen_bn_train_mode=False).eval()
+    new = FcddModel(pre_trained=False, minmax="bottle", image_score="memory", frozen_bn_train_mode=False)
+    with caplog.at_level("WARNING"):
+        new.load_state_dict(old.state_dict())
+    assert new.memory is None and new.image_score == "max"
+    assert "no image-score memory" in caplog.text
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected, actual = old(images), new.eval()(images)
+    torch.testing.assert_close(actual.pred_score, expected.anomaly_map.amax(dim=(1, 2, 3)))
+    torch.testing.assert_close(actual.pred_score, expected.pred_score)

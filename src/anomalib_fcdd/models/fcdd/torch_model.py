@@ -179,6 +179,7 @@ class FcddModel(nn.Module):
             module.requires_grad_(False)
             self._frozen_batchnorms += [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.register_load_state_dict_post_hook(_forget_folded_backbone)
+        self.register_load_state_dict_pre_hook(self._score_without_a_saved_memory)
         self.acceleration.prepare(self)
         # Lightning keeps each module's mode at the start of fit, so the network starts in the modes ``train`` sets
         # (trainable layers training, frozen BatchNorms as ``frozen_bn_train_mode`` says), whatever a builder left.
@@ -206,6 +207,20 @@ class FcddModel(nn.Module):
         del args
         if all(prefix + key in state_dict for key in module.state_dict()):
             self.missing_weights = None
+
+    def _score_without_a_saved_memory(self, module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+        """``load_state_dict`` pre-hook: a checkpoint saved without a memory (trained before ``image_score="memory"``
+        became the multi-scale default, or with another score) scores images by the heads' peak, as it was trained,
+        instead of failing on the missing keys."""
+        del module, args
+        if self.memory is None or prefix + "memory.vectors" in state_dict:
+            return
+        logger.warning(
+            "FCDD: the loaded weights hold no image-score memory; images are scored by the peak of the map "
+            "(image_score='max'), as such a model was trained. Retrain for the memory's image score."
+        )
+        self.memory = None
+        self.image_score = "max"
 
     def require_weights(self) -> None:
         """Raise the deferred :class:`WeightsError` when pretrained weights were asked for but never came."""
