@@ -36,7 +36,13 @@ import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_fcdd.models.fcdd.memory_bank import POOL_SIZE, FeatureMemory, PositionPool, greedy_coreset
+from anomalib_fcdd.models.fcdd.memory_bank import (
+    POOL_SIZE,
+    FeatureMemory,
+    PositionPool,
+    greedy_coreset,
+    local_features,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make the benchmarks package importable
@@ -83,11 +89,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.memory_sizes and min(args.memory_sizes) < 1:
         parser.error(f"--memory-sizes needs positive integers, got {args.memory_sizes}")
     try:
-        args.pca_memories = [tuple(int(v) for v in item.split("x")) for item in args.pca_memories.split(",") if item]
+        specs = [tuple(int(v) for v in item.split("x")) for item in args.pca_memories.split(",") if item]
     except ValueError:
-        parser.error(f"--pca-memories takes SIZExDIM items such as 2000x64, got {args.pca_memories!r}")
-    if any(len(item) != 2 or min(item) < 1 for item in args.pca_memories):
-        parser.error(f"--pca-memories takes SIZExDIM items of positive integers, got {args.pca_memories}")
+        parser.error(f"--pca-memories takes SIZExDIM[xK] items such as 2000x96 or 2000x96x3, got {args.pca_memories!r}")
+    if any(len(item) not in {2, 3} or min(item) < 1 or (len(item) == 3 and item[2] % 2 == 0) for item in specs):
+        parser.error(f"--pca-memories takes SIZExDIM[xK] items of positive integers, K odd, got {args.pca_memories}")
+    args.pca_memories = [(*item, 1)[:3] for item in specs]
     if not 0 <= args.coreset_fraction <= 1:
         parser.error(f"--coreset-fraction must be in [0, 1], got {args.coreset_fraction}")
     return args
@@ -111,10 +118,15 @@ def as_vectors(features: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def normal_memories(
-    model: Any, dataset: Any, sizes: list[int], batch_size: int, seed: int, pool: PositionPool | None = None
+    model: Any,
+    dataset: Any,
+    sizes: list[int],
+    batch_size: int,
+    seed: int,
+    pools: dict[int, PositionPool] | None = None,
 ) -> dict[int, torch.Tensor]:
     """For each size M, M feature vectors (M x C) drawn uniformly over the positions of the training images, all
-    from one pass over them (which also fills ``pool``, the package memory's candidates, when given).
+    from one pass over them (which also fills ``pools``, the package memory's candidates per neighbourhood).
 
     Each image gives ``ceil(M / images)`` positions, so memory stays bounded however large the training set; the
     pooled draw is then cut to M at random. Every size has its own generator seeded with ``seed``, so a size draws the
@@ -123,8 +135,8 @@ def normal_memories(
     generators = {size: torch.Generator().manual_seed(seed) for size in sizes}
     drawn: dict[int, list[torch.Tensor]] = {size: [] for size in sizes}
     for features in feature_maps(model, dataset, batch_size):
-        if pool is not None:
-            pool.add(features)
+        for neighbourhood, pool in (pools or {}).items():
+            pool.add(local_features(features, neighbourhood))
         vectors = as_vectors(features)
         for size, generator in generators.items():
             per_image = math.ceil(size / len(dataset))
@@ -138,13 +150,15 @@ def normal_memories(
     return memories
 
 
-def package_memories(pool: torch.Tensor, specs: list[tuple[int, int]]) -> dict[str, FeatureMemory]:
-    """The package's ``image_score="memory"`` scorer for every (size, PCA dimensions), all from one pool."""
+def package_memories(pools: dict[int, PositionPool], specs: list[tuple[int, int, int]]) -> dict[str, FeatureMemory]:
+    """The package's ``image_score="memory"`` scorer for every (size, PCA dimensions, neighbourhood), each from its
+    neighbourhood's pool."""
     memories = {}
-    for size, dim in specs:
-        memory = FeatureMemory(size, dim)
-        memory.fit(pool)
-        memories[f"PCA memory {size}x{dim}"] = memory
+    for size, dim, neighbourhood in specs:
+        memory = FeatureMemory(size, dim, neighbourhood)
+        memory.fit(pools[neighbourhood].vectors())
+        suffix = f", {neighbourhood}x{neighbourhood} mean" if neighbourhood > 1 else ""
+        memories[f"PCA memory {size}x{dim}{suffix}"] = memory
     return memories
 
 
@@ -248,10 +262,14 @@ def main(argv: list[str] | None = None) -> int:
 
     model, datamodule, seconds = train(args, args.work_dir)
     model.cpu().eval()
-    pool = PositionPool(POOL_SIZE, len(datamodule.train_data), torch.Generator().manual_seed(0))
-    drawn = normal_memories(model, datamodule.train_data, args.memory_sizes, args.batch_size, args.seed, pool)
+    neighbourhoods = sorted({1} | {spec[2] for spec in args.pca_memories})
+    pools = {
+        k: PositionPool(POOL_SIZE, len(datamodule.train_data), torch.Generator().manual_seed(0)) for k in neighbourhoods
+    }
+    pool = pools[1]
+    drawn = normal_memories(model, datamodule.train_data, args.memory_sizes, args.batch_size, args.seed, pools)
     memories: dict[str, torch.Tensor | FeatureMemory] = {f"memory of {size}": memory for size, memory in drawn.items()}
-    memories.update(package_memories(pool.vectors(), args.pca_memories))
+    memories.update(package_memories(pools, args.pca_memories))
     if args.coreset_fraction > 0:
         positions = all_positions(model, datamodule.train_data, args.batch_size)
         size = max(1, round(args.coreset_fraction * len(positions)))

@@ -17,7 +17,13 @@ from anomalib_fcdd import FcddHsc
 from anomalib_fcdd.data import MVTec
 from anomalib_fcdd.errors import ConfigurationError
 from anomalib_fcdd.models.fcdd import FcddModel
-from anomalib_fcdd.models.fcdd.memory_bank import FeatureMemory, PositionPool, greedy_coreset, principal_basis
+from anomalib_fcdd.models.fcdd.memory_bank import (
+    FeatureMemory,
+    PositionPool,
+    greedy_coreset,
+    local_features,
+    principal_basis,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -214,3 +220,35 @@ def test_weights_saved_without_a_memory_load_and_score_by_the_maps_peak(caplog: 
         expected, actual = old(images), new.eval()(images)
     torch.testing.assert_close(actual.pred_score, expected.anomaly_map.amax(dim=(1, 2, 3)))
     torch.testing.assert_close(actual.pred_score, expected.pred_score)
+
+
+def test_local_features_average_each_positions_neighbours_that_exist() -> None:
+    grid = torch.arange(9, dtype=torch.float32).view(1, 1, 3, 3)  # 0 1 2 / 3 4 5 / 6 7 8
+    pooled = local_features(grid, 3)
+    assert pooled[0, 0, 1, 1] == 4.0  # the mean of all nine
+    assert pooled[0, 0, 0, 0] == (0 + 1 + 3 + 4) / 4  # a corner has four
+    assert pooled[0, 0, 0, 1] == (0 + 1 + 2 + 3 + 4 + 5) / 6  # an edge six
+    assert torch.equal(local_features(grid, 1), grid)
+
+
+def test_a_neighbourhood_memory_compares_averaged_features() -> None:
+    # Fitted on pooled vectors, a 3 x 3 memory scores features as a plain memory scores their hand-made averages.
+    generator = torch.Generator().manual_seed(6)
+    pool = torch.randn(30, 4, generator=generator)
+    features = torch.randn(1, 4, 3, 3, generator=generator)
+    averaged = torch.zeros_like(features)
+    for row in range(3):
+        for col in range(3):
+            window = features[:, :, max(0, row - 1) : row + 2, max(0, col - 1) : col + 2]
+            averaged[:, :, row, col] = window.mean(dim=(2, 3))
+    local, plain = FeatureMemory(size=30, dim=4, neighbourhood=3), FeatureMemory(size=30, dim=4)
+    local.fit(pool)
+    plain.fit(pool)
+    torch.testing.assert_close(local.distance_map(features), plain.distance_map(averaged), atol=1e-4, rtol=1e-4)
+
+
+def test_even_neighbourhoods_are_refused() -> None:
+    with pytest.raises(ValueError, match="odd"):
+        FeatureMemory(neighbourhood=2)
+    with pytest.raises(ConfigurationError, match="memory_neighbourhood"):
+        FcddHsc(pre_trained=False, image_score="memory", memory_neighbourhood=2)

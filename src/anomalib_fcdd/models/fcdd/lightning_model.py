@@ -135,6 +135,7 @@ NUMBER_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "feature_noise": (lambda v: v >= 0, "0 (off) or more"),
     "memory_size": (lambda v: isinstance(v, int) and v >= 1, "a whole number of at least 1"),
     "memory_dim": (lambda v: isinstance(v, int) and v >= 1, "a whole number of at least 1"),
+    "memory_neighbourhood": (lambda v: isinstance(v, int) and v >= 1 and v % 2 == 1, "an odd whole number (1, 3, ...)"),
 }
 
 
@@ -205,6 +206,8 @@ class FcddHsc(AnomalibModule):
             the clean training images when training ends (:mod:`.memory_bank`; the map stays FCDD's).
         memory_size: vectors the memory keeps (greedy k-centre coreset; ``image_score="memory"`` only).
         memory_dim: PCA dimensions each memory vector is stored in (at most the backbone's channels).
+        memory_neighbourhood: compare feature vectors averaged over ``k x k`` neighbours (PatchCore's locally aware
+            features; odd ``k``) instead of the vectors themselves (1).
         feature_noise: relative size of the feature-space anomalies scored alongside every training batch (its
             features plus Gaussian noise, :mod:`.feature_anomalies`; not in the paper); 0 turns them off.
         confetti_with_real: with real training anomalies (semi-supervised datamodules), also corrupt the batch's
@@ -249,6 +252,7 @@ class FcddHsc(AnomalibModule):
         confetti_with_real: bool | None = None,
         memory_size: int = MEMORY_SIZE,
         memory_dim: int = MEMORY_DIM,
+        memory_neighbourhood: int = 1,
         pre_processor: PreProcessor | bool = True,
         post_processor: Any = True,
         evaluator: Evaluator | bool = True,
@@ -303,6 +307,7 @@ class FcddHsc(AnomalibModule):
             feature_noise=_chosen(feature_noise, defaults.feature_noise),
             memory_size=memory_size,
             memory_dim=memory_dim,
+            memory_neighbourhood=memory_neighbourhood,
         )
         #: Optimiser step at which the memory was last built (``image_score="memory"``), ``None`` before.
         self._memory_step: int | None = None
@@ -406,7 +411,7 @@ class FcddHsc(AnomalibModule):
         self.model.eval()
         try:
             for batch in self._normal_training_images():
-                pool.add(self.model.backbone_features(resize(batch)))
+                pool.add(memory.local_features(self.model.backbone_features(resize(batch))))
         finally:
             self.model.train(was_training)
         vectors = pool.vectors()

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F  # noqa: N812
 
 #: Defaults: vectors kept, their PCA dimensions (2000 x 96 FP16 values: 0.41 MB with the basis), and the bound on the
 #: candidate pool the selection draws from. Of the sizes measured (1000-4000 vectors, 32-96 dimensions;
@@ -68,6 +69,15 @@ class PositionPool:
         return torch.cat(self._parts)
 
 
+def local_features(features: torch.Tensor, neighbourhood: int) -> torch.Tensor:
+    """Each position's feature vector averaged over its ``neighbourhood`` x ``neighbourhood`` neighbours (PatchCore's
+    locally aware patch features; a border position averages the neighbours it has), or the vectors themselves with a
+    neighbourhood of 1."""
+    if neighbourhood == 1:
+        return features
+    return F.avg_pool2d(features, neighbourhood, stride=1, padding=neighbourhood // 2, count_include_pad=False)
+
+
 def principal_basis(vectors: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean ``mu`` (C) and the ``dim`` leading principal directions ``W`` (C x dim) of N x C ``vectors``.
 
@@ -107,12 +117,18 @@ class FeatureMemory(nn.Module):
     its own shapes, so a trained memory loads into a freshly built model.
     """
 
-    def __init__(self, size: int = MEMORY_SIZE, dim: int = MEMORY_DIM) -> None:
+    def __init__(self, size: int = MEMORY_SIZE, dim: int = MEMORY_DIM, neighbourhood: int = 1) -> None:
         super().__init__()
-        self.size, self.dim = size, dim
+        if neighbourhood < 1 or neighbourhood % 2 == 0:
+            raise ValueError(f"The memory's neighbourhood must be an odd whole number, got {neighbourhood}.")
+        self.size, self.dim, self.neighbourhood = size, dim, neighbourhood
         self.register_buffer("mean", torch.zeros(0))
         self.register_buffer("basis", torch.zeros(0, 0))
         self.register_buffer("vectors", torch.zeros(0, 0))
+
+    def local_features(self, features: torch.Tensor) -> torch.Tensor:
+        """What the memory stores and compares (:func:`local_features` with its neighbourhood)."""
+        return local_features(features, self.neighbourhood)
 
     @property
     def ready(self) -> bool:
@@ -129,7 +145,8 @@ class FeatureMemory(nn.Module):
         self.mean, self.basis, self.vectors = mean.to(device), basis.to(device), projected[chosen].to(device)
 
     def distance_map(self, features: torch.Tensor) -> torch.Tensor:
-        """``min_m |(f - mu) W - z_m|`` at every position of B x C x h x w ``features``: B x 1 x h x w, in fp32.
+        """``min_m |(f - mu) W - z_m|`` at every position of B x C x h x w ``features`` (after
+        :meth:`local_features`): B x 1 x h x w, in fp32.
 
         Squared distances as ``min_m (|z_m|^2 - 2 z.z_m) + |z|^2``: one matrix product with the bias added inside it
         (``addmm``, an ONNX ``Gemm``) and one reduction over the memory; ``|z|^2`` is the same for every ``m``, so it
@@ -144,7 +161,8 @@ class FeatureMemory(nn.Module):
             )
         batch, _, height, width = features.shape
         with torch.autocast(features.device.type, enabled=False):
-            flat = features.float().flatten(2).transpose(1, 2).reshape(-1, features.shape[1])  # B*hw x C
+            features = self.local_features(features.float())
+            flat = features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1])  # B*hw x C
             vectors = (flat - self.mean) @ self.basis  # B*hw x dim
             memory_norms = (self.vectors * self.vectors).sum(dim=1)
             nearest = torch.addmm(memory_norms, vectors, self.vectors.T, alpha=-2).amin(dim=1)
@@ -160,4 +178,4 @@ class FeatureMemory(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, dim={self.dim}, ready={self.ready}"
+        return f"size={self.size}, dim={self.dim}, neighbourhood={self.neighbourhood}, ready={self.ready}"

@@ -126,6 +126,8 @@ class FcddModel(nn.Module):
             ``memory``: the maximum of the upsampled distances to a memory of normal features (:mod:`.memory_bank`),
             which ``FcddHsc`` builds when training ends.
         memory_size, memory_dim: vectors in that memory and their PCA dimensions (``image_score="memory"`` only).
+        memory_neighbourhood: the memory compares feature vectors averaged over this many neighbours per side (odd;
+            1 = the vectors themselves).
         feature_noise: while training, also score a copy of the batch's features moved off by Gaussian noise of this
             relative size, as anomalies (:mod:`.feature_anomalies`); 0 turns it off (the paper).
         heads: number of heads trained side by side, each from its own random start and on its own loss; the map is
@@ -150,11 +152,13 @@ class FcddModel(nn.Module):
         heads: int = 1,
         memory_size: int = MEMORY_SIZE,
         memory_dim: int = MEMORY_DIM,
+        memory_neighbourhood: int = 1,
     ) -> None:
         super().__init__()
         self.image_score = check_image_score(image_score)
         # Only models that score with it carry the memory, so other checkpoints keep their keys.
-        self.memory = FeatureMemory(memory_size, memory_dim) if image_score == "memory" else None
+        memory = FeatureMemory(memory_size, memory_dim, memory_neighbourhood) if image_score == "memory" else None
+        self.memory = memory
         self.feature_noise = FeatureNoise(feature_noise) if feature_noise > 0 else None
         self.backbone_name = backbone
         self.acceleration = Acceleration(accelerate)
