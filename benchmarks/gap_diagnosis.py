@@ -266,7 +266,6 @@ def main(argv: list[str] | None = None) -> int:
     pools = {
         k: PositionPool(POOL_SIZE, len(datamodule.train_data), torch.Generator().manual_seed(0)) for k in neighbourhoods
     }
-    pool = pools[1]
     drawn = normal_memories(model, datamodule.train_data, args.memory_sizes, args.batch_size, args.seed, pools)
     memories: dict[str, torch.Tensor | FeatureMemory] = {f"memory of {size}": memory for size, memory in drawn.items()}
     memories.update(package_memories(pools, args.pca_memories))
@@ -278,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         memories[f"coreset of {size}"] = positions[projected_coreset(positions, size, seed=args.seed)].float()
         del positions
     scores, masks, labels, types = score_test_set(model, datamodule.test_data, memories, args.batch_size)
-    channels = pool.vectors().shape[1]
+    candidates = pools[1].vectors()  # the plain vectors' pool: its width and size are reported
+    channels = candidates.shape[1]
     stored = {name: stored_values(memory) for name, memory in memories.items()}
     overall, per_type = auroc_table(scores, masks, labels, types, stored)
     command = "python -m benchmarks.gap_diagnosis " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             f"images, seed {args.seed}; {len(labels)} test images ({int(labels.sum())} defective). Memories: normal "
             "feature vectors drawn at random from the training images; PCA memory S x D: the package's "
             '`image_score="memory"` (S coreset vectors in D PCA dimensions, from a pool of '
-            f"{len(pool.vectors()):,} positions)"
+            f"{len(candidates):,} positions)"
             + (
                 f"; the coreset: a greedy k-centre selection of {args.coreset_fraction:g} of all training positions"
                 if args.coreset_fraction > 0

@@ -66,10 +66,12 @@ class PositionPool:
         self._count += len(picked)
 
     def vectors(self) -> torch.Tensor:
-        """The pooled vectors (N x C); an error when nothing was added."""
+        """The pooled vectors (N x C), joined once and kept joined; an error when nothing was added."""
         if not self._parts:
             raise ValueError("The memory's pool is empty: the training set gave no normal image.")
-        return torch.cat(self._parts)
+        if len(self._parts) > 1:
+            self._parts = [torch.cat(self._parts)]
+        return self._parts[0]
 
 
 def local_features(features: torch.Tensor, neighbourhood: int) -> torch.Tensor:

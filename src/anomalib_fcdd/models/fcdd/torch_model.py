@@ -157,8 +157,7 @@ class FcddModel(nn.Module):
         super().__init__()
         self.image_score = check_image_score(image_score)
         # Only models that score with it carry the memory, so other checkpoints keep their keys.
-        memory = FeatureMemory(memory_size, memory_dim, memory_neighbourhood) if image_score == "memory" else None
-        self.memory = memory
+        self.memory = FeatureMemory(memory_size, memory_dim, memory_neighbourhood) if image_score == "memory" else None
         self.feature_noise = FeatureNoise(feature_noise) if feature_noise > 0 else None
         self.backbone_name = backbone
         self.acceleration = Acceleration(accelerate)
