@@ -10,7 +10,8 @@ frozen backbone features (``FcddModel.backbone_features``) and through the same 
   selection, made on a random projection to 128 dimensions), which keeps the rare vectors a random draw misses;
 * PCA memory S x D: the package's own ``image_score="memory"`` scorer (``models/fcdd/memory_bank.py``), built as
   ``FcddHsc`` builds it (a bounded pool of positions, its PCA basis of D dimensions, a greedy coreset of S vectors in
-  it), so one training measures several sizes of it.
+  it), so one training measures several sizes of it; it reads the channels the model's memory reads (for the default
+  backbone its stride-8 and deepest stages), or every channel (``:all``).
 
 Where a memory separates the images that the heads do not, the information is in the features and the parametric
 heads do not keep it; M x C half-precision values is what such a memory would add to the artefact. Reports image and
@@ -41,7 +42,9 @@ from anomalib_fcdd.models.fcdd.memory_bank import (
     FeatureMemory,
     PositionPool,
     greedy_coreset,
+    ChannelRanges,
     local_features,
+    select_channels,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +52,8 @@ if str(REPO) not in sys.path:  # run as a script: make the benchmarks package im
     sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results" / "gap_diagnosis.md"
 FCDD = "FCDD heads"
+#: How the package memory reads the backbone's features: channel ranges (empty: all) and k x k neighbourhood.
+Reading = tuple[ChannelRanges, int]
 
 
 @dataclass
@@ -71,7 +76,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--memory-sizes", default="5000,20000", help="comma-separated M: normal feature vectors in each memory"
     )
     parser.add_argument(
-        "--pca-memories", default="", help="comma-separated SIZExDIM: the package's memory scorer (e.g. 2000x64)"
+        "--pca-memories",
+        default="",
+        help="comma-separated SIZExDIM[xK][:all]: the package's memory scorer with K x K averaging, on every channel "
+        "with :all (e.g. 2000x96x3,2000x96:all)",
     )
     parser.add_argument(
         "--coreset-fraction", type=float, default=0.01, help="greedy coreset of this fraction of positions (0: none)"
@@ -88,13 +96,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.memory_sizes = sorted({int(size) for size in args.memory_sizes.split(",") if size.strip()})
     if args.memory_sizes and min(args.memory_sizes) < 1:
         parser.error(f"--memory-sizes needs positive integers, got {args.memory_sizes}")
+    items = [item.strip() for item in args.pca_memories.split(",") if item.strip()]
     try:
-        specs = [tuple(int(v) for v in item.split("x")) for item in args.pca_memories.split(",") if item]
+        specs = [tuple(int(v) for v in item.removesuffix(":all").split("x")) for item in items]
     except ValueError:
-        parser.error(f"--pca-memories takes SIZExDIM[xK] items such as 2000x96 or 2000x96x3, got {args.pca_memories!r}")
+        parser.error(f"--pca-memories takes SIZExDIM[xK][:all] items such as 2000x96x3, got {args.pca_memories!r}")
     if any(len(item) not in {2, 3} or min(item) < 1 or (len(item) == 3 and item[2] % 2 == 0) for item in specs):
         parser.error(f"--pca-memories takes SIZExDIM[xK] items of positive integers, K odd, got {args.pca_memories}")
-    args.pca_memories = [(*item, 1)[:3] for item in specs]
+    args.pca_memories = [(*(*spec, 1)[:3], item.endswith(":all")) for spec, item in zip(specs, items, strict=True)]
     if not 0 <= args.coreset_fraction <= 1:
         parser.error(f"--coreset-fraction must be in [0, 1], got {args.coreset_fraction}")
     return args
@@ -123,10 +132,11 @@ def normal_memories(
     sizes: list[int],
     batch_size: int,
     seed: int,
-    pools: dict[int, PositionPool] | None = None,
+    pools: dict[Reading, PositionPool] | None = None,
 ) -> dict[int, torch.Tensor]:
     """For each size M, M feature vectors (M x C) drawn uniformly over the positions of the training images, all
-    from one pass over them (which also fills ``pools``, the package memory's candidates per neighbourhood).
+    from one pass over them (which also fills ``pools``, the package memory's candidates per way of reading the
+    features: channel ranges and neighbourhood).
 
     Each image gives ``ceil(M / images)`` positions, so memory stays bounded however large the training set; the
     pooled draw is then cut to M at random. Every size has its own generator seeded with ``seed``, so a size draws the
@@ -135,8 +145,8 @@ def normal_memories(
     generators = {size: torch.Generator().manual_seed(seed) for size in sizes}
     drawn: dict[int, list[torch.Tensor]] = {size: [] for size in sizes}
     for features in feature_maps(model, dataset, batch_size):
-        for neighbourhood, pool in (pools or {}).items():
-            pool.add(local_features(features, neighbourhood))
+        for (channels, neighbourhood), pool in (pools or {}).items():
+            pool.add(local_features(select_channels(features, channels), neighbourhood))
         vectors = as_vectors(features)
         for size, generator in generators.items():
             per_image = math.ceil(size / len(dataset))
@@ -150,14 +160,25 @@ def normal_memories(
     return memories
 
 
-def package_memories(pools: dict[int, PositionPool], specs: list[tuple[int, int, int]]) -> dict[str, FeatureMemory]:
-    """The package's ``image_score="memory"`` scorer for every (size, PCA dimensions, neighbourhood), each from its
-    neighbourhood's pool."""
+def reading(spec: tuple[int, int, int, bool], channels: ChannelRanges) -> Reading:
+    """How a ``--pca-memories`` item reads the features: the model memory's ``channels`` (every one with ``:all``)
+    and its neighbourhood."""
+    return ((), spec[2]) if spec[3] else (channels, spec[2])
+
+
+def package_memories(
+    pools: dict[Reading, PositionPool], specs: list[tuple[int, int, int, bool]], channels: ChannelRanges
+) -> dict[str, FeatureMemory]:
+    """The package's ``image_score="memory"`` scorer for every (size, PCA dimensions, neighbourhood, all channels),
+    each from the pool of its way of reading the features."""
     memories = {}
-    for size, dim, neighbourhood in specs:
-        memory = FeatureMemory(size, dim, neighbourhood)
-        memory.fit(pools[neighbourhood].vectors())
+    for spec in specs:
+        size, dim, neighbourhood, _ = spec
+        read_channels, _ = reading(spec, channels)
+        memory = FeatureMemory(size, dim, neighbourhood, read_channels)
+        memory.fit(pools[reading(spec, channels)].vectors())
         suffix = f", {neighbourhood}x{neighbourhood} mean" if neighbourhood > 1 else ""
+        suffix += ", every channel" if channels and not read_channels else ""
         memories[f"PCA memory {size}x{dim}{suffix}"] = memory
     return memories
 
@@ -262,13 +283,14 @@ def main(argv: list[str] | None = None) -> int:
 
     model, datamodule, seconds = train(args, args.work_dir)
     model.cpu().eval()
-    neighbourhoods = sorted({1} | {spec[2] for spec in args.pca_memories})
+    memory_channels = model.model.memory.channels if model.model.memory is not None else ()
+    readings = {((), 1)} | {reading(spec, memory_channels) for spec in args.pca_memories}
     pools = {
-        k: PositionPool(POOL_SIZE, len(datamodule.train_data), torch.Generator().manual_seed(0)) for k in neighbourhoods
+        key: PositionPool(POOL_SIZE, len(datamodule.train_data), torch.Generator().manual_seed(0)) for key in readings
     }
     drawn = normal_memories(model, datamodule.train_data, args.memory_sizes, args.batch_size, args.seed, pools)
     memories: dict[str, torch.Tensor | FeatureMemory] = {f"memory of {size}": memory for size, memory in drawn.items()}
-    memories.update(package_memories(pools, args.pca_memories))
+    memories.update(package_memories(pools, args.pca_memories, memory_channels))
     if args.coreset_fraction > 0:
         positions = all_positions(model, datamodule.train_data, args.batch_size)
         size = max(1, round(args.coreset_fraction * len(positions)))
@@ -277,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         memories[f"coreset of {size}"] = positions[projected_coreset(positions, size, seed=args.seed)].float()
         del positions
     scores, masks, labels, types = score_test_set(model, datamodule.test_data, memories, args.batch_size)
-    candidates = pools[1].vectors()  # the plain vectors' pool: its width and size are reported
+    candidates = pools[((), 1)].vectors()  # the plain vectors' pool: its width and size are reported
     channels = candidates.shape[1]
     stored = {name: stored_values(memory) for name, memory in memories.items()}
     overall, per_type = auroc_table(scores, masks, labels, types, stored)
@@ -290,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
             f"({args.backbone}, {channels} channels) trained in {seconds:.0f} s on {len(datamodule.train_data)} "
             f"images, seed {args.seed}; {len(labels)} test images ({int(labels.sum())} defective). Memories: normal "
             "feature vectors drawn at random from the training images; PCA memory S x D: the package's "
-            '`image_score="memory"` (S coreset vectors in D PCA dimensions, from a pool of '
-            f"{len(candidates):,} positions)"
+            '`image_score="memory"` (S coreset vectors in D PCA dimensions'
+            + (f" of channels {list(memory_channels)}, unless a row says every channel" if memory_channels else "")
+            + f", from a pool of {len(candidates):,} positions)"
             + (
                 f"; the coreset: a greedy k-centre selection of {args.coreset_fraction:g} of all training positions"
                 if args.coreset_fraction > 0

@@ -55,7 +55,7 @@ def test_normal_memory_draws_distinct_positions_spread_over_every_training_image
         model=SimpleNamespace(backbone_features=lambda images: images), pre_processor=lambda images: images
     )
     pool = gap_diagnosis.PositionPool(capacity=10, images=5)
-    memories = gap_diagnosis.normal_memories(identity, _Images(count=5, side=4), [5, 12], 2, seed=0, pools={1: pool})
+    memories = gap_diagnosis.normal_memories(identity, _Images(count=5, side=4), [5, 12], 2, seed=0, pools={((), 1): pool})
     assert pool.vectors().shape == (10, 2)  # the package memory's candidates come from the same pass
     alone = gap_diagnosis.normal_memories(identity, _Images(count=5, side=4), [12], batch_size=2, seed=0)
     assert torch.equal(memories[12], alone[12])  # a size draws the same vectors whichever sizes share the pass
@@ -94,7 +94,7 @@ def test_gap_diagnosis_names_a_missing_dataset(tmp_path: Path, capsys: pytest.Ca
     assert not output.exists()
 
 
-@pytest.mark.parametrize("spec", ["2000", "2000x", "0x64", "ax64", "2000x64x2", "1x2x3x4"])
+@pytest.mark.parametrize("spec", ["2000", "2000x", "0x64", "ax64", "2000x64x2", "1x2x3x4", "2000x64:some"])
 def test_gap_diagnosis_refuses_malformed_pca_memories(spec: str) -> None:
     with pytest.raises(SystemExit):
         gap_diagnosis.parse_args(["--pca-memories", spec])
@@ -105,13 +105,23 @@ def test_gap_diagnosis_reports_every_scorer(synthetic_root: Path, tmp_path: Path
     output = tmp_path / "gap.md"
     arguments = ["--mvtec-root", str(synthetic_root), "--category", "synthetic", "--epochs", "1"]
     arguments += ["--passes-per-epoch", "1", "--memory-sizes", "40,160", "--work-dir", str(tmp_path / "w")]
-    arguments += ["--pca-memories", "50x8,50x8x3"]
+    arguments += ["--pca-memories", "50x8,50x8x3:all"]
     assert gap_diagnosis.main([*arguments, "--coreset-fraction", "0.01", "--output", str(output)]) == 0
     starts = ("| FCDD", "| memory", "| coreset", "| PCA")
     rows = [line.split("|") for line in output.read_text().splitlines() if line.startswith(starts)]
     # 16 training images, resized to the model's 224 px, give a 28 x 28 grid each: 12,544 positions, 1 % is 125.
-    names = [gap_diagnosis.FCDD, "memory of 40", "memory of 160", "PCA memory 50x8", "PCA memory 50x8, 3x3 mean"]
+    names = ["memory of 40", "memory of 160", "PCA memory 50x8", "PCA memory 50x8, 3x3 mean, every channel"]
+    names = [gap_diagnosis.FCDD, *names]
     assert [row[1].strip() for row in rows[:6]] == [*names, "coreset of 125"]
     assert rows[1][2].strip().startswith("9,280")  # 40 vectors x 232 channels
-    assert rows[3][2].strip().startswith("2,488")  # 50 x 8 vectors, the 232 x 8 basis and the 232-long mean
+    assert rows[3][2].strip().startswith("1,768")  # 50 x 8 vectors, the 152 x 8 basis and the 152-long mean
+    assert rows[4][2].strip().startswith("2,488")  # every channel: the 232 x 8 basis and the 232-long mean
     assert all(0.0 <= float(row[3]) <= 1.0 and 0.0 <= float(row[4]) <= 1.0 for row in rows[:6])
+
+
+def test_gap_diagnosis_reads_pca_memory_items() -> None:
+    args = gap_diagnosis.parse_args(["--pca-memories", "2000x96x3,1000x32:all"])
+    assert args.pca_memories == [(2000, 96, 3, False), (1000, 32, 1, True)]
+    channels = ((0, 40), (120, 232))
+    assert gap_diagnosis.reading(args.pca_memories[0], channels) == (channels, 3)
+    assert gap_diagnosis.reading(args.pca_memories[1], channels) == ((), 1)

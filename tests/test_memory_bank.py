@@ -23,7 +23,21 @@ from anomalib_fcdd.models.fcdd.memory_bank import (
     greedy_coreset,
     local_features,
     principal_basis,
+    select_channels,
 )
+from anomalib_fcdd.models.fcdd.backbones import build_backbone
+from anomalib_fcdd.models.fcdd.backbones.efficientnet_lite import stage_channel_ranges
+
+
+def average_over_neighbours(features: torch.Tensor) -> torch.Tensor:
+    """Each position's mean over the 3 x 3 window around it that lies inside the grid, one position at a time."""
+    height, width = features.shape[-2:]
+    averaged = torch.zeros_like(features)
+    for row in range(height):
+        for col in range(width):
+            window = features[:, :, max(0, row - 1) : row + 2, max(0, col - 1) : col + 2]
+            averaged[:, :, row, col] = window.mean(dim=(2, 3))
+    return averaged
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -149,8 +163,10 @@ def trained(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> t
 def test_training_builds_the_memory_from_the_normal_training_images(trained: tuple[FcddHsc, Engine]) -> None:
     model, _ = trained
     memory = model.model.memory
-    # 16 training images of 8 x 8 positions at 64 px: 1,024 candidates, 300 kept, 16 PCA dimensions of 232 channels
-    assert memory.vectors.shape == (300, 16) and memory.basis.shape == (232, 16) and memory.mean.shape == (232,)
+    # 16 training images of 8 x 8 positions at 64 px: 1,024 candidates, 300 kept, 16 PCA dimensions of the 40 + 112
+    # channels of the stride-8 and deepest stages, averaged over 3 x 3 neighbours (the multi-scale backbone's defaults)
+    assert (memory.channels, memory.neighbourhood) == (((0, 40), (120, 232)), 3)
+    assert memory.vectors.shape == (300, 16) and memory.basis.shape == (152, 16) and memory.mean.shape == (152,)
     torch.testing.assert_close(memory.basis.T @ memory.basis, torch.eye(16), atol=1e-4, rtol=0)
 
 
@@ -161,7 +177,8 @@ def test_image_score_is_the_peak_of_the_upsampled_memory_distances(trained: tupl
     with torch.no_grad():
         output = net(images)
         features = net.backbone_features(images)
-        vectors = (features.flatten(2).transpose(1, 2) - net.memory.mean) @ net.memory.basis
+        compared = average_over_neighbours(torch.cat([features[:, :40], features[:, 120:]], dim=1))
+        vectors = (compared.flatten(2).transpose(1, 2) - net.memory.mean) @ net.memory.basis
         nearest = torch.cdist(vectors, net.memory.vectors[None].expand(2, -1, -1)).amin(-1).view(2, 1, 8, 8)
         expected = net.upsampler(nearest, (64, 64)).amax(dim=(1, 2, 3))
         heads_map = net.upsampler(net.low_resolution_map(images), (64, 64))
@@ -236,11 +253,7 @@ def test_a_neighbourhood_memory_compares_averaged_features() -> None:
     generator = torch.Generator().manual_seed(6)
     pool = torch.randn(30, 4, generator=generator)
     features = torch.randn(1, 4, 3, 3, generator=generator)
-    averaged = torch.zeros_like(features)
-    for row in range(3):
-        for col in range(3):
-            window = features[:, :, max(0, row - 1) : row + 2, max(0, col - 1) : col + 2]
-            averaged[:, :, row, col] = window.mean(dim=(2, 3))
+    averaged = average_over_neighbours(features)
     local, plain = FeatureMemory(size=30, dim=4, neighbourhood=3), FeatureMemory(size=30, dim=4)
     local.fit(pool)
     plain.fit(pool)
@@ -252,3 +265,52 @@ def test_even_neighbourhoods_are_refused() -> None:
         FeatureMemory(neighbourhood=2)
     with pytest.raises(ConfigurationError, match="memory_neighbourhood"):
         FcddHsc(pre_trained=False, image_score="memory", memory_neighbourhood=2)
+
+
+def test_select_channels_joins_the_ranges_in_order() -> None:
+    features = torch.arange(6, dtype=torch.float32).view(1, 6, 1, 1)  # channel c holds c
+    assert select_channels(features, ((4, 6), (0, 2))).flatten().tolist() == [4.0, 5.0, 0.0, 1.0]
+    assert torch.equal(select_channels(features, ()), features)
+    with pytest.raises(ValueError, match="ranges"):
+        FeatureMemory(channels=((3, 3),))
+
+
+def test_the_multiscale_memory_reads_the_stride_8_and_deepest_stages() -> None:
+    # The ranges come from Lite0's stage widths; check them against the real stage outputs' channel counts.
+    assert stage_channel_ranges((2, 3, 4), (2, 4)) == ((0, 40), (120, 232))
+    built = build_backbone("efficientnet_lite0_multiscale", pre_trained=False)
+    trunk, taps = built.features.trunk, built.features.taps
+    widths, x = [], torch.zeros(1, 3, 32, 32)
+    for index, layer in enumerate(trunk):
+        x = layer(x)
+        if index in taps:
+            widths.append(x.shape[1])
+    assert widths == [40, 80, 112] and built.memory_channels == ((0, 40), (40 + 80, 40 + 80 + 112))
+    assert build_backbone("efficientnet_lite0", pre_trained=False).memory_channels == ()  # one stage: all of it
+    default = FcddHsc(pre_trained=False).model.memory
+    assert (default.channels, default.neighbourhood) == (((0, 40), (120, 232)), 3)
+    assert FcddHsc(pre_trained=False, memory_neighbourhood=1).model.memory.neighbourhood == 1
+
+
+def test_a_saved_memory_reads_features_as_it_was_built() -> None:
+    # How a memory reads features travels with it: loaded into a memory built with other settings, it scores as saved.
+    generator = torch.Generator().manual_seed(7)
+    saved = FeatureMemory(size=10, dim=2, neighbourhood=3, channels=((1, 3),))
+    saved.fit(torch.randn(30, 2, generator=generator))
+    other = FeatureMemory(size=10, dim=2)
+    other.load_state_dict(saved.state_dict())
+    assert (other.channels, other.neighbourhood) == (((1, 3),), 3)
+    features = torch.randn(1, 4, 3, 3, generator=generator)
+    torch.testing.assert_close(other.distance_map(features), saved.distance_map(features))
+
+
+def test_a_memory_saved_before_its_reading_was_stored_compares_every_channel_unaveraged() -> None:
+    generator = torch.Generator().manual_seed(8)
+    plain = FeatureMemory(size=10, dim=3)
+    plain.fit(torch.randn(30, 3, generator=generator))
+    legacy = {key: value for key, value in plain.state_dict().items() if not key.endswith("_extra_state")}
+    fresh = FeatureMemory(size=10, dim=3, neighbourhood=3, channels=((0, 2),))  # today's kind of default
+    fresh.load_state_dict(legacy)
+    assert (fresh.channels, fresh.neighbourhood) == ((), 1)
+    features = torch.randn(2, 3, 4, 4, generator=generator)
+    torch.testing.assert_close(fresh.distance_map(features), plain.distance_map(features))

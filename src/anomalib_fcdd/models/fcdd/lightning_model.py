@@ -205,9 +205,10 @@ class FcddHsc(AnomalibModule):
             ``memory``: the peak of the upsampled distances to a small memory of normal feature vectors, built from
             the clean training images when training ends (:mod:`.memory_bank`; the map stays FCDD's).
         memory_size: vectors the memory keeps (greedy k-centre coreset; ``image_score="memory"`` only).
-        memory_dim: PCA dimensions each memory vector is stored in (at most the backbone's channels).
+        memory_dim: PCA dimensions each memory vector is stored in (at most the channels it compares).
         memory_neighbourhood: compare feature vectors averaged over ``k x k`` neighbours (PatchCore's locally aware
-            features; odd ``k``) instead of the vectors themselves (1).
+            features; odd ``k``) instead of the vectors themselves (1). Default: the backbone's (3 for
+            ``efficientnet_lite0_multiscale``, whose memory also reads only its stride-8 and deepest stages).
         feature_noise: relative size of the feature-space anomalies scored alongside every training batch (its
             features plus Gaussian noise, :mod:`.feature_anomalies`; not in the paper); 0 turns them off.
         confetti_with_real: with real training anomalies (semi-supervised datamodules), also corrupt the batch's
@@ -252,7 +253,7 @@ class FcddHsc(AnomalibModule):
         confetti_with_real: bool | None = None,
         memory_size: int = MEMORY_SIZE,
         memory_dim: int = MEMORY_DIM,
-        memory_neighbourhood: int = 1,
+        memory_neighbourhood: int | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: Any = True,
         evaluator: Evaluator | bool = True,
@@ -307,7 +308,7 @@ class FcddHsc(AnomalibModule):
             feature_noise=_chosen(feature_noise, defaults.feature_noise),
             memory_size=memory_size,
             memory_dim=memory_dim,
-            memory_neighbourhood=memory_neighbourhood,
+            memory_neighbourhood=_chosen(memory_neighbourhood, defaults.memory_neighbourhood),
         )
         #: Optimiser step at which the memory was last built (``image_score="memory"``), ``None`` before.
         self._memory_step: int | None = None
@@ -411,7 +412,7 @@ class FcddHsc(AnomalibModule):
         self.model.eval()
         try:
             for batch in self._normal_training_images():
-                pool.add(memory.local_features(self.model.backbone_features(resize(batch))))
+                pool.add(memory.memory_features(self.model.backbone_features(resize(batch))))
         finally:
             self.model.train(was_training)
         vectors = pool.vectors()

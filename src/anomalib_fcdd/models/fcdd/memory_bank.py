@@ -9,9 +9,11 @@ FCDD's; only ``pred_score`` comes from the memory.
 Built when training ends, before the first validation (``FcddHsc._build_memory``; again only if training changes
 the backbone's features), from the clean normal training images:
 
-1. ``PositionPool``: at most :data:`POOL_SIZE` feature vectors (optionally averaged over their neighbours,
-   :func:`local_features`), the same number of random positions from every image, so memory stays bounded however
-   large the training set;
+1. ``PositionPool``: at most :data:`POOL_SIZE` feature vectors, the same number of random positions from every
+   image, so memory stays bounded however large the training set. What it pools is what the memory compares
+   (:meth:`FeatureMemory.memory_features`): the channels of the backbone's ``memory_channels`` (for the multi-scale
+   Lite0, its stride-8 and deepest stages, the pair PatchCore reads), each vector averaged over its k x k neighbours
+   (:func:`local_features`);
 2. a PCA basis of the pool, ``z = (f - mu) W`` with ``W`` the ``dim`` leading principal directions (C x dim):
    stores a vector in ``dim`` numbers instead of C (232 for the default backbone);
 3. greedy k-centre selection (PatchCore's coreset) of ``size`` pool vectors in that subspace: start anywhere, then
@@ -74,6 +76,17 @@ class PositionPool:
         return self._parts[0]
 
 
+ChannelRanges = tuple[tuple[int, int], ...]
+
+
+def select_channels(features: torch.Tensor, channels: ChannelRanges) -> torch.Tensor:
+    """The ``[start, stop)`` channel ranges ``channels`` of B x C x h x w ``features``, joined in order; all of them
+    when ``channels`` is empty."""
+    if not channels:
+        return features
+    return torch.cat([features[:, start:stop] for start, stop in channels], dim=1)
+
+
 def local_features(features: torch.Tensor, neighbourhood: int) -> torch.Tensor:
     """Each position's feature vector averaged over its ``neighbourhood`` x ``neighbourhood`` neighbours (PatchCore's
     locally aware patch features; a border position averages the neighbours it has), or the vectors themselves with a
@@ -118,22 +131,30 @@ def greedy_coreset(points: torch.Tensor, size: int) -> torch.Tensor:
 class FeatureMemory(nn.Module):
     """Coreset of normal feature vectors in a PCA subspace; :meth:`distance_map` scores features against it.
 
-    The three buffers start empty and are saved with the model (checkpoint, exported graph); a state dict brings
-    its own shapes, so a trained memory loads into a freshly built model.
+    ``channels`` (``[start, stop)`` ranges of the backbone's channels; empty: all) and ``neighbourhood`` say what the
+    memory compares (:meth:`memory_features`). They are saved with the buffers (``get_extra_state``), so a memory
+    always reads features as it was built, whatever the defaults of the model it is loaded into. The three buffers
+    start empty; a state dict brings its own shapes, so a trained memory loads into a freshly built model.
     """
 
-    def __init__(self, size: int = MEMORY_SIZE, dim: int = MEMORY_DIM, neighbourhood: int = 1) -> None:
+    def __init__(
+        self, size: int = MEMORY_SIZE, dim: int = MEMORY_DIM, neighbourhood: int = 1, channels: ChannelRanges = ()
+    ) -> None:
         super().__init__()
         if neighbourhood < 1 or neighbourhood % 2 == 0:
             raise ValueError(f"The memory's neighbourhood must be an odd whole number, got {neighbourhood}.")
+        if any(not 0 <= start < stop for start, stop in channels):
+            raise ValueError(f"The memory's channels must be [start, stop) ranges with start < stop, got {channels}.")
         self.size, self.dim, self.neighbourhood = size, dim, neighbourhood
+        self.channels: ChannelRanges = tuple((int(start), int(stop)) for start, stop in channels)
         self.register_buffer("mean", torch.zeros(0))
         self.register_buffer("basis", torch.zeros(0, 0))
         self.register_buffer("vectors", torch.zeros(0, 0))
 
-    def local_features(self, features: torch.Tensor) -> torch.Tensor:
-        """What the memory stores and compares (:func:`local_features` with its neighbourhood)."""
-        return local_features(features, self.neighbourhood)
+    def memory_features(self, features: torch.Tensor) -> torch.Tensor:
+        """What the memory stores and compares: the backbone's feature maps cut to ``channels``, then averaged over
+        ``neighbourhood`` x ``neighbourhood`` neighbours (:func:`select_channels`, :func:`local_features`)."""
+        return local_features(select_channels(features, self.channels), self.neighbourhood)
 
     @property
     def ready(self) -> bool:
@@ -150,8 +171,8 @@ class FeatureMemory(nn.Module):
         self.mean, self.basis, self.vectors = mean.to(device), basis.to(device), projected[chosen].to(device)
 
     def distance_map(self, features: torch.Tensor) -> torch.Tensor:
-        """``min_m |(f - mu) W - z_m|`` at every position of B x C x h x w ``features`` (after
-        :meth:`local_features`): B x 1 x h x w, in fp32.
+        """``min_m |(f - mu) W - z_m|`` at every position of the backbone's B x C x h x w ``features`` (taken through
+        :meth:`memory_features`): B x 1 x h x w, in fp32.
 
         Squared distances as ``min_m (|z_m|^2 - 2 z.z_m) + |z|^2``: one matrix product with the bias added inside it
         (``addmm``, an ONNX ``Gemm``) and one reduction over the memory; ``|z|^2`` is the same for every ``m``, so it
@@ -166,7 +187,7 @@ class FeatureMemory(nn.Module):
             )
         batch, _, height, width = features.shape
         with torch.autocast(features.device.type, enabled=False):
-            features = self.local_features(features.float())
+            features = self.memory_features(features.float())
             flat = features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1])  # B*hw x C
             vectors = (flat - self.mean) @ self.basis  # B*hw x dim
             memory_norms = (self.vectors * self.vectors).sum(dim=1)
@@ -174,13 +195,27 @@ class FeatureMemory(nn.Module):
             distances = (nearest + (vectors * vectors).sum(dim=1)).clamp_min(0).sqrt()
         return distances.view(batch, 1, height, width)
 
+    def get_extra_state(self) -> dict[str, Any]:
+        """How the saved memory reads features (restored by :meth:`set_extra_state`)."""
+        return {"channels": [list(pair) for pair in self.channels], "neighbourhood": self.neighbourhood}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.channels = tuple((int(start), int(stop)) for start, stop in state["channels"])
+        self.neighbourhood = int(state["neighbourhood"])
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        """Take the saved memory's shapes before loading it (the buffers start empty)."""
+        """Take the saved memory's shapes before loading it (the buffers start empty). A memory saved before its
+        reading was stored (2026-12-07, earlier in the day) compared every channel, unaveraged: loaded as such."""
         for name in ("mean", "basis", "vectors"):
             saved = state_dict.get(prefix + name)
             if saved is not None:
                 setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        if prefix + "vectors" in state_dict and prefix + "_extra_state" not in state_dict:
+            state_dict[prefix + "_extra_state"] = {"channels": [], "neighbourhood": 1}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, dim={self.dim}, neighbourhood={self.neighbourhood}, ready={self.ready}"
+        return (
+            f"size={self.size}, dim={self.dim}, neighbourhood={self.neighbourhood}, channels={list(self.channels)}, "
+            f"ready={self.ready}"
+        )

@@ -156,12 +156,16 @@ class FcddModel(nn.Module):
     ) -> None:
         super().__init__()
         self.image_score = check_image_score(image_score)
-        # Only models that score with it carry the memory, so other checkpoints keep their keys.
-        self.memory = FeatureMemory(memory_size, memory_dim, memory_neighbourhood) if image_score == "memory" else None
         self.feature_noise = FeatureNoise(feature_noise) if feature_noise > 0 else None
         self.backbone_name = backbone
         self.acceleration = Acceleration(accelerate)
         built = build_backbone(backbone, pre_trained, weights_path, frozen_modules)
+        # Only models that score with it carry the memory, so other checkpoints keep their keys.
+        self.memory = (
+            FeatureMemory(memory_size, memory_dim, memory_neighbourhood, built.memory_channels)
+            if image_score == "memory"
+            else None
+        )
         self.input_normalization = resolve_input_normalization(input_normalization, backbone, pre_trained)
         if self.input_normalization == "lcn_minmax":
             self.normalization: nn.Module = InputNormalization(minmax)

@@ -30,6 +30,8 @@ class Backbone:
             The features then hold random weights; :class:`~..torch_model.FcddModel` refuses to run until a state
             dict that covers them (a checkpoint) is loaded, so restoring a trained model needs no network while
             nothing ever runs silently on random weights.
+        memory_channels: ``[start, stop)`` channel ranges that the image-score memory compares
+            (:class:`~..memory_bank.FeatureMemory`); empty: all of them.
     """
 
     features: nn.Module
@@ -38,6 +40,7 @@ class Backbone:
     missing_weights: WeightsError | None = None
     input_mean: tuple[float, float, float] = IMAGENET_MEAN
     input_std: tuple[float, float, float] = IMAGENET_STD
+    memory_channels: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class TrainingDefaults:
     #: Heads trained side by side and averaged (``FcddModel(heads=...)``): the paper's one.
     heads: int = 1
     image_score: str = "mean"
+    #: ``image_score="memory"``: feature vectors averaged over k x k neighbours before they are compared.
+    memory_neighbourhood: int = 1
     frozen_bn_train_mode: bool = True
     #: What fills the confetti blobs (``anomaly_generator.FILLS``): the paper's flat colours by default.
     anomaly_fill: str = "colour"
