@@ -39,10 +39,10 @@ from torch.nn import functional as F  # noqa: N812
 
 from anomalib_fcdd.models.fcdd.memory_bank import (
     POOL_SIZE,
+    ChannelRanges,
     FeatureMemory,
     PositionPool,
     greedy_coreset,
-    ChannelRanges,
     local_features,
     select_channels,
 )
@@ -96,17 +96,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.memory_sizes = sorted({int(size) for size in args.memory_sizes.split(",") if size.strip()})
     if args.memory_sizes and min(args.memory_sizes) < 1:
         parser.error(f"--memory-sizes needs positive integers, got {args.memory_sizes}")
-    items = [item.strip() for item in args.pca_memories.split(",") if item.strip()]
     try:
-        specs = [tuple(int(v) for v in item.removesuffix(":all").split("x")) for item in items]
-    except ValueError:
-        parser.error(f"--pca-memories takes SIZExDIM[xK][:all] items such as 2000x96x3, got {args.pca_memories!r}")
-    if any(len(item) not in {2, 3} or min(item) < 1 or (len(item) == 3 and item[2] % 2 == 0) for item in specs):
-        parser.error(f"--pca-memories takes SIZExDIM[xK] items of positive integers, K odd, got {args.pca_memories}")
-    args.pca_memories = [(*(*spec, 1)[:3], item.endswith(":all")) for spec, item in zip(specs, items, strict=True)]
+        args.pca_memories = parse_pca_memories(args.pca_memories)
+    except ValueError as error:
+        parser.error(f"--pca-memories: {error}")
     if not 0 <= args.coreset_fraction <= 1:
         parser.error(f"--coreset-fraction must be in [0, 1], got {args.coreset_fraction}")
     return args
+
+
+def parse_pca_memories(text: str) -> list[tuple[int, int, int, bool]]:
+    """``SIZExDIM[xK][:all]`` items, comma-separated, as (size, PCA dimensions, neighbourhood, every channel)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        specs = [tuple(int(v) for v in item.removesuffix(":all").split("x")) for item in items]
+    except ValueError:
+        raise ValueError(f"takes SIZExDIM[xK][:all] items such as 2000x96x3 or 2000x96:all, got {text!r}") from None
+    if any(len(item) not in {2, 3} or min(item) < 1 or (len(item) == 3 and item[2] % 2 == 0) for item in specs):
+        raise ValueError(f"takes SIZExDIM[xK] items of positive integers, K odd, got {text!r}")
+    return [(*(*spec, 1)[:3], item.endswith(":all")) for spec, item in zip(specs, items, strict=True)]
 
 
 def batches(dataset: Any, batch_size: int) -> Any:

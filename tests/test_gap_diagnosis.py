@@ -55,7 +55,8 @@ def test_normal_memory_draws_distinct_positions_spread_over_every_training_image
         model=SimpleNamespace(backbone_features=lambda images: images), pre_processor=lambda images: images
     )
     pool = gap_diagnosis.PositionPool(capacity=10, images=5)
-    memories = gap_diagnosis.normal_memories(identity, _Images(count=5, side=4), [5, 12], 2, seed=0, pools={((), 1): pool})
+    images = _Images(count=5, side=4)
+    memories = gap_diagnosis.normal_memories(identity, images, [5, 12], 2, seed=0, pools={((), 1): pool})
     assert pool.vectors().shape == (10, 2)  # the package memory's candidates come from the same pass
     alone = gap_diagnosis.normal_memories(identity, _Images(count=5, side=4), [12], batch_size=2, seed=0)
     assert torch.equal(memories[12], alone[12])  # a size draws the same vectors whichever sizes share the pass
@@ -125,3 +126,32 @@ def test_gap_diagnosis_reads_pca_memory_items() -> None:
     channels = ((0, 40), (120, 232))
     assert gap_diagnosis.reading(args.pca_memories[0], channels) == (channels, 3)
     assert gap_diagnosis.reading(args.pca_memories[1], channels) == ((), 1)
+
+
+def test_memory_readings_scores_every_reading_and_draw(synthetic_root: Path, tmp_path: Path) -> None:
+    from benchmarks import memory_readings
+
+    output = tmp_path / "readings.md"
+    arguments = ["--mvtec-root", str(synthetic_root), "--category", "synthetic", "--output", str(output)]
+    arguments += ["--readings", "40x8:all,40x8x3", "--pool-seeds", "0,1"]
+    assert memory_readings.main(arguments) == 0
+    rows = [line.split("|") for line in output.read_text().splitlines() if line.startswith("| 40 x 8")]
+    assert [row[1].strip() for row in rows] == [
+        "40 x 8, every channel",
+        "40 x 8, 3 x 3 mean, channels [(0, 40), (120, 232)]",
+    ]
+    for row in rows:
+        draws = [float(cell) for cell in row[2:4]]
+        assert all(0.0 <= value <= 1.0 for value in draws)
+        assert float(row[4]) == pytest.approx(np.mean(draws), abs=1e-3)  # the mean of the shown draws
+        assert float(row[5]) == pytest.approx(max(draws) - min(draws), abs=1e-3)
+
+
+def test_memory_readings_names_a_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import memory_readings
+
+    output = tmp_path / "readings.md"
+    assert memory_readings.main(["--mvtec-root", str(tmp_path / "nowhere"), "--output", str(output)]) == 2
+    assert "--mvtec-root" in capsys.readouterr().err and not output.exists()
+    with pytest.raises(SystemExit):
+        memory_readings.parse_args(["--pool-seeds", "a"])

@@ -17,6 +17,8 @@ from anomalib_fcdd import FcddHsc
 from anomalib_fcdd.data import MVTec
 from anomalib_fcdd.errors import ConfigurationError
 from anomalib_fcdd.models.fcdd import FcddModel
+from anomalib_fcdd.models.fcdd.backbones import build_backbone
+from anomalib_fcdd.models.fcdd.backbones.efficientnet_lite import stage_channel_ranges
 from anomalib_fcdd.models.fcdd.memory_bank import (
     FeatureMemory,
     PositionPool,
@@ -25,8 +27,6 @@ from anomalib_fcdd.models.fcdd.memory_bank import (
     principal_basis,
     select_channels,
 )
-from anomalib_fcdd.models.fcdd.backbones import build_backbone
-from anomalib_fcdd.models.fcdd.backbones.efficientnet_lite import stage_channel_ranges
 
 
 def average_over_neighbours(features: torch.Tensor) -> torch.Tensor:
