@@ -33,8 +33,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-#: Defaults: vectors kept, their PCA dimensions (2000 x 96 FP16 values: 0.41 MB with the basis), and the bound on the
-#: candidate pool the selection draws from. Of the sizes measured (1000-4000 vectors, 32-96 dimensions;
+#: Defaults: vectors kept, their PCA dimensions (2000 x 96 FP16 values: 0.39 MB with the 152 x 96 basis), and the
+#: bound on the candidate pool the selection draws from (larger pools were worse: the greedy selection then spends its
+#: vectors on outliers, offline ANALYSIS.md). Of the sizes measured (1000-4000 vectors, 32-96 dimensions;
 #: ``benchmarks/results/gap_diagnosis.md``) the smaller ones lost up to 11 points of image AUROC on the textures
 #: against this one (gravel, 1000 x 32), and none but 4000 x 64 did better on Magnetic-Tile.
 MEMORY_SIZE = 2000
