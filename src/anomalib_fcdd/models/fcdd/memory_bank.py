@@ -15,7 +15,7 @@ the backbone's features), from the clean normal training images:
    Lite0, its stride-8 and deepest stages, the pair PatchCore reads), each vector averaged over its k x k neighbours
    (:func:`local_features`);
 2. a PCA basis of the pool, ``z = (f - mu) W`` with ``W`` the ``dim`` leading principal directions (C x dim):
-   stores a vector in ``dim`` numbers instead of C (232 for the default backbone);
+   stores a vector in ``dim`` numbers instead of C (152 for the default backbone's memory);
 3. greedy k-centre selection (PatchCore's coreset) of ``size`` pool vectors in that subspace: start anywhere, then
    repeatedly add the vector farthest from everything chosen.
 
@@ -205,8 +205,8 @@ class FeatureMemory(nn.Module):
         self.neighbourhood = int(state["neighbourhood"])
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        """Take the saved memory's shapes before loading it (the buffers start empty). A memory saved before its
-        reading was stored (2026-12-07, earlier in the day) compared every channel, unaveraged: loaded as such."""
+        """Take the saved memory's shapes before loading it (the buffers start empty). A memory saved without its
+        reading (before the reading was stored with it) compared every channel, unaveraged: it loads as such."""
         for name in ("mean", "basis", "vectors"):
             saved = state_dict.get(prefix + name)
             if saved is not None:
