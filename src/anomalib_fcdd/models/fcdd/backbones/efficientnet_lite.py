@@ -208,8 +208,8 @@ MULTISCALE_STAGES = (2, 3, 4)
 #: Output channels of Lite0's seven stages (timm ``tf_efficientnet_lite0`` ``blocks``).
 LITE0_STAGE_CHANNELS = (16, 24, 40, 80, 112, 192, 320)
 #: Stages the image-score memory compares: the stride-8 and the deepest, the pair PatchCore reads from this network in
-#: the benchmarks. Over three pool draws, with 3 x 3 averaging, they sorted images better than single vectors of all
-#: three stages on Magnetic-Tile (+2.6 points), gravel (+1.7) and grass (+0.7), and as well on bottle and brick
+#: the benchmarks. With 3 x 3 averaging they sorted Magnetic-Tile's images 2.6 points better than single vectors of
+#: all three stages, as well on bottle and brick, and the demo textures within the pool draws' spread
 #: (``benchmarks/results/memory_readings.md``).
 MEMORY_STAGES = (2, 4)
 
