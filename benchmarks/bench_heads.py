@@ -28,7 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make the benchmarks package importable
     sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_training import append_section, interleaved_timings, machine, serve_timings  # noqa: E402
+from benchmarks.bench_training import (  # noqa: E402
+    append_section,
+    interleaved_timings,
+    machine,
+    serve_timings,
+    stand_in_memory,
+)
 
 RESULTS = REPO / "benchmarks" / "results" / "heads.md"
 HEADS = (1, 4)
@@ -43,7 +49,7 @@ def _worker(heads: int, batch: int, connection: Connection) -> None:
     generator = torch.Generator().manual_seed(0)
     train_images = torch.rand(batch, 3, 240, 240, generator=generator)
     test_images = torch.rand(batch, 3, 224, 224, generator=generator)
-    model = FcddHsc(heads=heads, visualizer=False)
+    model = stand_in_memory(FcddHsc(heads=heads, visualizer=False))
     channels = model.model.head[0].in_channels
     model.model.feature_noise.set_spread(torch.ones(channels))  # the scale does not change the cost
     model.model.train()

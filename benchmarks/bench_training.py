@@ -82,10 +82,23 @@ def append_section(path: Path, title: str, section: str) -> None:
         handle.write(header + section.rstrip("\n") + "\n\n")
 
 
+def stand_in_memory(model: FcddHsc, pool: int = 5000) -> FcddHsc:
+    """Give an untrained model's image-score memory (``image_score="memory"``, the default) random vectors of its
+    full size, so timings include its distances; a trained model builds it from the training images instead."""
+    memory = model.model.memory
+    if memory is not None and not memory.ready:
+        with torch.no_grad():
+            width = memory.memory_features(model.model.eval().backbone_features(torch.zeros(1, 3, 64, 64))).shape[1]
+        model.model.train()
+        memory.fit(torch.randn(max(pool, memory.size), width, generator=torch.Generator().manual_seed(0)))
+    return model
+
+
 def build(variant: Variant) -> FcddHsc:
-    """A FcddHsc with fixed min-max constants, so no data pass is needed."""
+    """A FcddHsc with fixed min-max constants, so no data pass is needed (its memory a random stand-in)."""
     torch.manual_seed(0)
     model = FcddHsc(pre_trained=False, minmax="bottle", accelerate=variant.accelerate, visualizer=False)
+    stand_in_memory(model)
     model.model.upsampler.separable = variant.separable_upsampling
     if not variant.fold_batchnorm:  # this trick alone off: the seam hands back the backbone as it is
         model.model.acceleration.backbone = lambda features, training: features

@@ -27,6 +27,12 @@ from anomalib_fcdd import FcddHsc
 backbone, batch = sys.argv[1], int(sys.argv[2])
 torch.manual_seed(0)
 model = FcddHsc(backbone=backbone, pre_trained=False, minmax="bottle", visualizer=False)
+memory = getattr(model.model, "memory", None)
+if memory is not None and not memory.ready:  # an image-score memory (since 2026-12-07): a random stand-in, its size
+    read = getattr(memory, "memory_features", None) or memory.local_features
+    with torch.no_grad():
+        width = read(model.model.eval().backbone_features(torch.zeros(1, 3, 64, 64))).shape[1]
+    memory.fit(torch.randn(max(5000, memory.size), width, generator=torch.Generator().manual_seed(0)))
 bf16 = model.trainer_arguments["precision"] == "bf16-mixed"
 generator = torch.Generator().manual_seed(0)
 train_images = torch.rand(batch, 3, 240, 240, generator=generator)
