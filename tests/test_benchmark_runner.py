@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # benchmarks/ is a top-level package next to src/, not installed
@@ -286,6 +287,7 @@ def test_models_option_keeps_only_those_models_jobs(tmp_path: Path, capsys: pyte
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="--devices 0,1 needs two CUDA devices (refused on fewer)")
 def test_parallel_workers_fill_one_results_folder(tmp_path: Path) -> None:
     """``--devices`` fans out to pinned worker processes, each writing its runs' files."""
     arguments = ["--profile", "smoke", "--seeds", "0", "--devices", "0,1"]
