@@ -87,9 +87,10 @@ def stand_in_memory(model: FcddHsc, pool: int = 5000) -> FcddHsc:
     full size, so timings include its distances; a trained model builds it from the training images instead."""
     memory = model.model.memory
     if memory is not None and not memory.ready:
+        training = model.model.training
         with torch.no_grad():
             width = memory.memory_features(model.model.eval().backbone_features(torch.zeros(1, 3, 64, 64))).shape[1]
-        model.model.train()
+        model.model.train(training)
         memory.fit(torch.randn(max(pool, memory.size), width, generator=torch.Generator().manual_seed(0)))
     return model
 

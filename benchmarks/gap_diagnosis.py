@@ -28,7 +28,7 @@ import argparse
 import datetime as dt
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,7 @@ from anomalib_fcdd.models.fcdd.memory_bank import (
     FeatureMemory,
     PositionPool,
     greedy_coreset,
-    local_features,
-    select_channels,
+    read_features,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,8 +152,7 @@ def normal_memories(
     generators = {size: torch.Generator().manual_seed(seed) for size in sizes}
     drawn: dict[int, list[torch.Tensor]] = {size: [] for size in sizes}
     for features in feature_maps(model, dataset, batch_size):
-        for (channels, neighbourhood), pool in (pools or {}).items():
-            pool.add(local_features(select_channels(features, channels), neighbourhood))
+        fill_pools((pools or {}).items(), features)
         vectors = as_vectors(features)
         for size, generator in generators.items():
             per_image = math.ceil(size / len(dataset))
@@ -174,6 +172,20 @@ def reading(spec: tuple[int, int, int, bool], channels: ChannelRanges) -> Readin
     return ((), spec[2]) if spec[3] else (channels, spec[2])
 
 
+def fill_pools(pools: Iterable[tuple[Reading, PositionPool]], features: torch.Tensor) -> None:
+    """Add a batch of feature maps to every pool, each read its way (channel ranges, neighbourhood)."""
+    for (channels, neighbourhood), pool in pools:
+        pool.add(read_features(features, channels, neighbourhood))
+
+
+def fitted_memory(spec: tuple[int, int, int, bool], channels: ChannelRanges, pool: PositionPool) -> FeatureMemory:
+    """The package's memory of a ``--pca-memories`` item, fitted on ``pool`` (filled with the item's reading)."""
+    size, dim, neighbourhood, _ = spec
+    memory = FeatureMemory(size, dim, neighbourhood, reading(spec, channels)[0])
+    memory.fit(pool.vectors())
+    return memory
+
+
 def package_memories(
     pools: dict[Reading, PositionPool], specs: list[tuple[int, int, int, bool]], channels: ChannelRanges
 ) -> dict[str, FeatureMemory]:
@@ -181,13 +193,10 @@ def package_memories(
     each from the pool of its way of reading the features."""
     memories = {}
     for spec in specs:
-        size, dim, neighbourhood, _ = spec
-        read_channels, _ = reading(spec, channels)
-        memory = FeatureMemory(size, dim, neighbourhood, read_channels)
-        memory.fit(pools[reading(spec, channels)].vectors())
-        suffix = f", {neighbourhood}x{neighbourhood} mean" if neighbourhood > 1 else ""
-        suffix += ", every channel" if channels and not read_channels else ""
-        memories[f"PCA memory {size}x{dim}{suffix}"] = memory
+        memory = fitted_memory(spec, channels, pools[reading(spec, channels)])
+        suffix = f", {memory.neighbourhood}x{memory.neighbourhood} mean" if memory.neighbourhood > 1 else ""
+        suffix += ", every channel" if channels and not memory.channels else ""
+        memories[f"PCA memory {memory.size}x{memory.dim}{suffix}"] = memory
     return memories
 
 

@@ -30,14 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: make the benchmarks package importable
     sys.path.insert(0, str(REPO))
 
-from anomalib_fcdd.models.fcdd.memory_bank import (  # noqa: E402
-    POOL_SIZE,
-    FeatureMemory,
-    PositionPool,
-    local_features,
-    select_channels,
-)
-from benchmarks.gap_diagnosis import batches, parse_pca_memories, reading  # noqa: E402
+from anomalib_fcdd.models.fcdd.memory_bank import POOL_SIZE, PositionPool  # noqa: E402
+from benchmarks.gap_diagnosis import batches, fill_pools, fitted_memory, parse_pca_memories, reading  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "memory_readings.md"
 Spec = tuple[int, int, int, bool]
@@ -84,17 +78,12 @@ def build_memories(model: Any, dataset: Any, specs: list[Spec], seeds: list[int]
     }
     for batch in batches(dataset, batch_size):
         features = net.backbone_features(model.pre_processor(batch.image)).float()
-        for ((read_channels, neighbourhood), _), pool in pools.items():
-            pool.add(local_features(select_channels(features, read_channels), neighbourhood))
-    memories = {}
-    for spec in specs:
-        for seed in seeds:
-            size, dim, neighbourhood, _ = spec
-            read_channels, _ = reading(spec, channels)
-            memory = FeatureMemory(size, dim, neighbourhood, read_channels)
-            memory.fit(pools[(reading(spec, channels), seed)].vectors())
-            memories[(spec, seed)] = memory
-    return memories
+        fill_pools(((key, pool) for (key, _), pool in pools.items()), features)
+    return {
+        (spec, seed): fitted_memory(spec, channels, pools[(reading(spec, channels), seed)])
+        for spec in specs
+        for seed in seeds
+    }
 
 
 @torch.inference_mode()

@@ -97,6 +97,12 @@ def local_features(features: torch.Tensor, neighbourhood: int) -> torch.Tensor:
     return F.avg_pool2d(features, neighbourhood, stride=1, padding=neighbourhood // 2, count_include_pad=False)
 
 
+def read_features(features: torch.Tensor, channels: ChannelRanges, neighbourhood: int) -> torch.Tensor:
+    """What a memory with these ``channels`` and ``neighbourhood`` compares: the feature maps cut to the channel
+    ranges (:func:`select_channels`), then averaged over neighbours (:func:`local_features`)."""
+    return local_features(select_channels(features, channels), neighbourhood)
+
+
 def principal_basis(vectors: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean ``mu`` (C) and the ``dim`` leading principal directions ``W`` (C x dim) of N x C ``vectors``.
 
@@ -155,7 +161,7 @@ class FeatureMemory(nn.Module):
     def memory_features(self, features: torch.Tensor) -> torch.Tensor:
         """What the memory stores and compares: the backbone's feature maps cut to ``channels``, then averaged over
         ``neighbourhood`` x ``neighbourhood`` neighbours (:func:`select_channels`, :func:`local_features`)."""
-        return local_features(select_channels(features, self.channels), self.neighbourhood)
+        return read_features(features, self.channels, self.neighbourhood)
 
     @property
     def ready(self) -> bool:
