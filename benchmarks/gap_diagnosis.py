@@ -31,7 +31,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -51,8 +51,30 @@ if str(REPO) not in sys.path:  # run as a script: make the benchmarks package im
     sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results" / "gap_diagnosis.md"
 FCDD = "FCDD heads"
-#: How the package memory reads the backbone's features: channel ranges (empty: all) and k x k neighbourhood.
-Reading = tuple[ChannelRanges, int]
+#: How the package memory reads the backbone's features: channel ranges (empty: all), k x k neighbourhood, zeros
+#: past the border.
+Reading = tuple[ChannelRanges, int, bool]
+
+
+class MemorySpec(NamedTuple):
+    """A ``SIZExDIM[xK][:all][:nopad]`` item: the package memory's size, PCA dimensions and neighbourhood, whether it
+    reads every channel (``:all``) instead of the backbone's ``memory_channels``, and whether its k x k means count
+    zeros past the border (off with ``:nopad``)."""
+
+    size: int
+    dim: int
+    neighbourhood: int = 1
+    every_channel: bool = False
+    zero_padded: bool = True
+
+    def label(self, channels: ChannelRanges) -> str:
+        """How reports name it, given the backbone's memory channels."""
+        name = f"{self.size} x {self.dim}"
+        if self.neighbourhood > 1:
+            name += f", {self.neighbourhood} x {self.neighbourhood} mean" + (
+                "" if self.zero_padded else " without zeros"
+            )
+        return name + (", every channel" if self.every_channel or not channels else f", channels {list(channels)}")
 
 
 @dataclass
@@ -77,8 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pca-memories",
         default="",
-        help="comma-separated SIZExDIM[xK][:all]: the package's memory scorer with K x K averaging, on every channel "
-        "with :all (e.g. 2000x96x3,2000x96:all)",
+        help="comma-separated SIZExDIM[xK][:all][:nopad]: the package's memory scorer with K x K averaging, on every "
+        "channel with :all, its means without zeros past the border with :nopad (e.g. 2000x96x3,2000x96x3:nopad)",
     )
     parser.add_argument(
         "--coreset-fraction", type=float, default=0.01, help="greedy coreset of this fraction of positions (0: none)"
@@ -104,16 +126,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def parse_pca_memories(text: str) -> list[tuple[int, int, int, bool]]:
-    """``SIZExDIM[xK][:all]`` items, comma-separated, as (size, PCA dimensions, neighbourhood, every channel)."""
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    try:
-        specs = [tuple(int(v) for v in item.removesuffix(":all").split("x")) for item in items]
-    except ValueError:
-        raise ValueError(f"takes SIZExDIM[xK][:all] items such as 2000x96x3 or 2000x96:all, got {text!r}") from None
-    if any(len(item) not in {2, 3} or min(item) < 1 or (len(item) == 3 and item[2] % 2 == 0) for item in specs):
-        raise ValueError(f"takes SIZExDIM[xK] items of positive integers, K odd, got {text!r}")
-    return [(*(*spec, 1)[:3], item.endswith(":all")) for spec, item in zip(specs, items, strict=True)]
+def parse_pca_memories(text: str) -> list[MemorySpec]:
+    """``SIZExDIM[xK][:all][:nopad]`` items, comma-separated (the flags in any order)."""
+    specs = []
+    for item in (item.strip() for item in text.split(",") if item.strip()):
+        numbers, *flags = item.split(":")
+        try:
+            values = [int(value) for value in numbers.split("x")]
+        except ValueError:
+            raise ValueError(
+                f"takes SIZExDIM[xK][:all][:nopad] items such as 2000x96x3 or 2000x96:all, got {text!r}"
+            ) from None
+        if len(values) not in {2, 3} or min(values) < 1 or (len(values) == 3 and values[2] % 2 == 0):
+            raise ValueError(f"takes SIZExDIM[xK] items of positive integers, K odd, got {text!r}")
+        if not set(flags) <= {"all", "nopad"} or len(set(flags)) < len(flags):
+            raise ValueError(f"takes the flags :all and :nopad, each at most once, got {item!r}")
+        specs.append(MemorySpec(*values, every_channel="all" in flags, zero_padded="nopad" not in flags))
+    return specs
 
 
 def batches(dataset: Any, batch_size: int) -> Any:
@@ -143,7 +172,7 @@ def normal_memories(
 ) -> dict[int, torch.Tensor]:
     """For each size M, M feature vectors (M x C) drawn uniformly over the positions of the training images, all
     from one pass over them (which also fills ``pools``, the package memory's candidates per way of reading the
-    features: channel ranges and neighbourhood).
+    features: channel ranges, neighbourhood and border).
 
     Each image gives ``ceil(M / images)`` positions, so memory stays bounded however large the training set; the
     pooled draw is then cut to M at random. Every size has its own generator seeded with ``seed``, so a size draws the
@@ -166,38 +195,35 @@ def normal_memories(
     return memories
 
 
-def reading(spec: tuple[int, int, int, bool], channels: ChannelRanges) -> Reading:
-    """How a ``--pca-memories`` item reads the features: the model memory's ``channels`` (every one with ``:all``)
-    and its neighbourhood."""
-    return ((), spec[2]) if spec[3] else (channels, spec[2])
+def reading(spec: MemorySpec, channels: ChannelRanges) -> Reading:
+    """How a ``--pca-memories`` item reads the features: the model memory's ``channels`` (every one with ``:all``),
+    its neighbourhood and border. Without averaging the border does not matter, and plain readings share one pool."""
+    zero_padded = spec.zero_padded or spec.neighbourhood == 1
+    return ((), spec.neighbourhood, zero_padded) if spec.every_channel else (channels, spec.neighbourhood, zero_padded)
 
 
 def fill_pools(pools: Iterable[tuple[Reading, PositionPool]], features: torch.Tensor) -> None:
-    """Add a batch of feature maps to every pool, each read its way (channel ranges, neighbourhood)."""
-    for (channels, neighbourhood), pool in pools:
-        pool.add(read_features(features, channels, neighbourhood))
+    """Add a batch of feature maps to every pool, each read its way (channel ranges, neighbourhood, border)."""
+    for (channels, neighbourhood, zero_padded), pool in pools:
+        pool.add(read_features(features, channels, neighbourhood, zero_padded))
 
 
-def fitted_memory(spec: tuple[int, int, int, bool], channels: ChannelRanges, pool: PositionPool) -> FeatureMemory:
+def fitted_memory(spec: MemorySpec, channels: ChannelRanges, pool: PositionPool) -> FeatureMemory:
     """The package's memory of a ``--pca-memories`` item, fitted on ``pool`` (filled with the item's reading)."""
-    size, dim, neighbourhood, _ = spec
-    memory = FeatureMemory(size, dim, neighbourhood, reading(spec, channels)[0])
+    chosen, neighbourhood, zero_padded = reading(spec, channels)
+    memory = FeatureMemory(spec.size, spec.dim, neighbourhood, chosen, zero_padded)
     memory.fit(pool.vectors())
     return memory
 
 
 def package_memories(
-    pools: dict[Reading, PositionPool], specs: list[tuple[int, int, int, bool]], channels: ChannelRanges
+    pools: dict[Reading, PositionPool], specs: list[MemorySpec], channels: ChannelRanges
 ) -> dict[str, FeatureMemory]:
-    """The package's ``image_score="memory"`` scorer for every (size, PCA dimensions, neighbourhood, all channels),
-    each from the pool of its way of reading the features."""
-    memories = {}
-    for spec in specs:
-        memory = fitted_memory(spec, channels, pools[reading(spec, channels)])
-        suffix = f", {memory.neighbourhood}x{memory.neighbourhood} mean" if memory.neighbourhood > 1 else ""
-        suffix += ", every channel" if channels and not memory.channels else ""
-        memories[f"PCA memory {memory.size}x{memory.dim}{suffix}"] = memory
-    return memories
+    """The package's ``image_score="memory"`` scorer for every item, each from the pool of its reading."""
+    return {
+        f"PCA memory {spec.label(channels)}": fitted_memory(spec, channels, pools[reading(spec, channels)])
+        for spec in specs
+    }
 
 
 @torch.inference_mode()
@@ -301,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     model, datamodule, seconds = train(args, args.work_dir)
     model.cpu().eval()
     memory_channels = model.model.memory.channels if model.model.memory is not None else ()
-    readings = {((), 1)} | {reading(spec, memory_channels) for spec in args.pca_memories}
+    readings = {((), 1, True)} | {reading(spec, memory_channels) for spec in args.pca_memories}
     pools = {
         key: PositionPool(POOL_SIZE, len(datamodule.train_data), torch.Generator().manual_seed(0)) for key in readings
     }
@@ -316,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         memories[f"coreset of {size}"] = positions[projected_coreset(positions, size, seed=args.seed)].float()
         del positions
     scores, masks, labels, types = score_test_set(model, datamodule.test_data, memories, args.batch_size)
-    candidates = pools[((), 1)].vectors()  # the plain vectors' pool: its width and size are reported
+    candidates = pools[((), 1, True)].vectors()  # the plain vectors' pool: its width and size are reported
     channels = candidates.shape[1]
     stored = {name: stored_values(memory) for name, memory in memories.items()}
     overall, per_type = auroc_table(scores, masks, labels, types, stored)

@@ -4,9 +4,10 @@
 feature vectors from the *frozen* backbone, so its image AUROC does not depend on the heads' training at all, only on
 which vectors the seeded pool draw offers the greedy selection. On the small test sets of the demo textures (32
 images, 240 good/defective pairs) one draw moves image AUROC by a few points, so this script scores every memory
-reading (``SIZExDIM[xK][:all]``, as ``benchmarks.gap_diagnosis --pca-memories``: K x K averaging, ``:all`` every
-channel instead of the backbone's ``memory_channels``) with several pool seeds and reports each draw, the mean and the
-spread. One pass over the training images fills every pool; one pass over the test images scores every memory.
+reading (``SIZExDIM[xK][:all][:nopad]``, as ``benchmarks.gap_diagnosis --pca-memories``: K x K averaging, ``:all``
+every channel instead of the backbone's ``memory_channels``, ``:nopad`` means without zeros past the border) with
+several pool seeds and reports each draw, the mean and the spread. One pass over the training images fills every
+pool; one pass over the test images scores every memory.
 
     python -m benchmarks.memory_readings --mvtec-root ../shared/data --category magnetic_tile \
         --readings 2000x96:all,2000x96x3 --pool-seeds 0,1,2
@@ -31,10 +32,16 @@ if str(REPO) not in sys.path:  # run as a script: make the benchmarks package im
     sys.path.insert(0, str(REPO))
 
 from anomalib_fcdd.models.fcdd.memory_bank import POOL_SIZE, PositionPool  # noqa: E402
-from benchmarks.gap_diagnosis import batches, fill_pools, fitted_memory, parse_pca_memories, reading  # noqa: E402
+from benchmarks.gap_diagnosis import (  # noqa: E402
+    MemorySpec,
+    batches,
+    fill_pools,
+    fitted_memory,
+    parse_pca_memories,
+    reading,
+)
 
 RESULTS = REPO / "benchmarks" / "results" / "memory_readings.md"
-Spec = tuple[int, int, int, bool]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,7 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mvtec-root", type=Path, default=resolve_mvtec_root(None), help="MVTec-layout root")
     parser.add_argument("--category", default="bottle")
-    parser.add_argument("--readings", default="2000x96:all,2000x96x3", help="SIZExDIM[xK][:all] items, comma-separated")
+    parser.add_argument(
+        "--readings", default="2000x96:all,2000x96x3", help="SIZExDIM[xK][:all][:nopad] items, comma-separated"
+    )
     parser.add_argument("--pool-seeds", default="0,1,2", help="comma-separated seeds of the pool draw")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -58,16 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def spec_name(spec: Spec, channels: tuple[tuple[int, int], ...]) -> str:
-    """A reading as the table shows it."""
-    size, dim, neighbourhood, every = spec
-    name = f"{size} x {dim}"
-    name += f", {neighbourhood} x {neighbourhood} mean" if neighbourhood > 1 else ""
-    return name + (", every channel" if every or not channels else f", channels {list(channels)}")
-
-
 @torch.inference_mode()
-def build_memories(model: Any, dataset: Any, specs: list[Spec], seeds: list[int], batch_size: int) -> dict:
+def build_memories(model: Any, dataset: Any, specs: list[MemorySpec], seeds: list[int], batch_size: int) -> dict:
     """``{(spec, seed): FeatureMemory}`` from one pass over the normal training images (a pool per reading and seed)."""
     net = model.model
     channels = net.memory.channels if net.memory is not None else ()
@@ -102,7 +103,7 @@ def image_scores(model: Any, dataset: Any, memories: dict, batch_size: int) -> t
     return scores, np.array(labels, dtype=bool)
 
 
-def table(specs: list[Spec], seeds: list[int], aurocs: dict, channels: tuple[tuple[int, int], ...]) -> list[str]:
+def table(specs: list[MemorySpec], seeds: list[int], aurocs: dict, channels: tuple[tuple[int, int], ...]) -> list[str]:
     """Markdown rows: a reading's image AUROC per draw, their mean and spread (max - min)."""
     rows = [
         "| memory | " + " | ".join(f"draw {seed}" for seed in seeds) + " | mean | spread |",
@@ -111,7 +112,7 @@ def table(specs: list[Spec], seeds: list[int], aurocs: dict, channels: tuple[tup
     for spec in specs:
         values = [aurocs[(spec, seed)] for seed in seeds]
         cells = " | ".join(f"{value:.3f}" for value in values)
-        rows.append(f"| {spec_name(spec, channels)} | {cells} | {np.mean(values):.3f} | {np.ptp(values):.3f} |")
+        rows.append(f"| {spec.label(channels)} | {cells} | {np.mean(values):.3f} | {np.ptp(values):.3f} |")
     return rows
 
 

@@ -56,7 +56,7 @@ def test_normal_memory_draws_distinct_positions_spread_over_every_training_image
     )
     pool = gap_diagnosis.PositionPool(capacity=10, images=5)
     images = _Images(count=5, side=4)
-    memories = gap_diagnosis.normal_memories(identity, images, [5, 12], 2, seed=0, pools={((), 1): pool})
+    memories = gap_diagnosis.normal_memories(identity, images, [5, 12], 2, seed=0, pools={((), 1, True): pool})
     assert pool.vectors().shape == (10, 2)  # the package memory's candidates come from the same pass
     alone = gap_diagnosis.normal_memories(identity, _Images(count=5, side=4), [12], batch_size=2, seed=0)
     assert torch.equal(memories[12], alone[12])  # a size draws the same vectors whichever sizes share the pass
@@ -95,7 +95,9 @@ def test_gap_diagnosis_names_a_missing_dataset(tmp_path: Path, capsys: pytest.Ca
     assert not output.exists()
 
 
-@pytest.mark.parametrize("spec", ["2000", "2000x", "0x64", "ax64", "2000x64x2", "1x2x3x4", "2000x64:some"])
+@pytest.mark.parametrize(
+    "spec", ["2000", "2000x", "0x64", "ax64", "2000x64x2", "1x2x3x4", "2000x64:some", "2000x64x3:all:all"]
+)
 def test_gap_diagnosis_refuses_malformed_pca_memories(spec: str) -> None:
     with pytest.raises(SystemExit):
         gap_diagnosis.parse_args(["--pca-memories", spec])
@@ -111,7 +113,8 @@ def test_gap_diagnosis_reports_every_scorer(synthetic_root: Path, tmp_path: Path
     starts = ("| FCDD", "| memory", "| coreset", "| PCA")
     rows = [line.split("|") for line in output.read_text().splitlines() if line.startswith(starts)]
     # 16 training images, resized to the model's 224 px, give a 28 x 28 grid each: 12,544 positions, 1 % is 125.
-    names = ["memory of 40", "memory of 160", "PCA memory 50x8", "PCA memory 50x8, 3x3 mean, every channel"]
+    names = ["memory of 40", "memory of 160", "PCA memory 50 x 8, channels [(0, 40), (120, 232)]"]
+    names += ["PCA memory 50 x 8, 3 x 3 mean, every channel"]
     names = [gap_diagnosis.FCDD, *names]
     assert [row[1].strip() for row in rows[:6]] == [*names, "coreset of 125"]
     assert rows[1][2].strip().startswith("9,280")  # 40 vectors x 232 channels
@@ -121,11 +124,19 @@ def test_gap_diagnosis_reports_every_scorer(synthetic_root: Path, tmp_path: Path
 
 
 def test_gap_diagnosis_reads_pca_memory_items() -> None:
-    args = gap_diagnosis.parse_args(["--pca-memories", "2000x96x3,1000x32:all"])
-    assert args.pca_memories == [(2000, 96, 3, False), (1000, 32, 1, True)]
+    args = gap_diagnosis.parse_args(["--pca-memories", "2000x96x3,1000x32:all,500x8x3:nopad:all,500x8:nopad"])
+    assert args.pca_memories == [
+        (2000, 96, 3, False, True),
+        (1000, 32, 1, True, True),
+        (500, 8, 3, True, False),
+        (500, 8, 1, False, False),
+    ]
     channels = ((0, 40), (120, 232))
-    assert gap_diagnosis.reading(args.pca_memories[0], channels) == (channels, 3)
-    assert gap_diagnosis.reading(args.pca_memories[1], channels) == ((), 1)
+    assert gap_diagnosis.reading(args.pca_memories[0], channels) == (channels, 3, True)
+    assert gap_diagnosis.reading(args.pca_memories[1], channels) == ((), 1, True)
+    assert gap_diagnosis.reading(args.pca_memories[2], channels) == ((), 3, False)
+    assert gap_diagnosis.reading(args.pca_memories[3], channels) == (channels, 1, True)  # no means: no border
+    assert args.pca_memories[2].label(channels) == "500 x 8, 3 x 3 mean without zeros, every channel"
 
 
 def test_memory_readings_scores_every_reading_and_draw(synthetic_root: Path, tmp_path: Path) -> None:
@@ -133,12 +144,13 @@ def test_memory_readings_scores_every_reading_and_draw(synthetic_root: Path, tmp
 
     output = tmp_path / "readings.md"
     arguments = ["--mvtec-root", str(synthetic_root), "--category", "synthetic", "--output", str(output)]
-    arguments += ["--readings", "40x8:all,40x8x3", "--pool-seeds", "0,1"]
+    arguments += ["--readings", "40x8:all,40x8x3,40x8x3:nopad", "--pool-seeds", "0,1"]
     assert memory_readings.main(arguments) == 0
     rows = [line.split("|") for line in output.read_text().splitlines() if line.startswith("| 40 x 8")]
     assert [row[1].strip() for row in rows] == [
         "40 x 8, every channel",
         "40 x 8, 3 x 3 mean, channels [(0, 40), (120, 232)]",
+        "40 x 8, 3 x 3 mean without zeros, channels [(0, 40), (120, 232)]",
     ]
     for row in rows:
         draws = [float(cell) for cell in row[2:4]]

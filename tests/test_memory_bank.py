@@ -29,14 +29,16 @@ from anomalib_fcdd.models.fcdd.memory_bank import (
 )
 
 
-def average_over_neighbours(features: torch.Tensor) -> torch.Tensor:
-    """Each position's mean over the 3 x 3 window around it that lies inside the grid, one position at a time."""
+def average_over_neighbours(features: torch.Tensor, zero_padded: bool = True) -> torch.Tensor:
+    """Each position's 3 x 3 window, one position at a time: its sum over the part inside the grid divided by 9 (zeros
+    outside) or by the number of positions inside."""
     height, width = features.shape[-2:]
     averaged = torch.zeros_like(features)
     for row in range(height):
         for col in range(width):
             window = features[:, :, max(0, row - 1) : row + 2, max(0, col - 1) : col + 2]
-            averaged[:, :, row, col] = window.mean(dim=(2, 3))
+            count = 9 if zero_padded else window.shape[2] * window.shape[3]
+            averaged[:, :, row, col] = window.sum(dim=(2, 3)) / count
     return averaged
 
 
@@ -239,13 +241,21 @@ def test_weights_saved_without_a_memory_load_and_score_by_the_maps_peak(caplog: 
     torch.testing.assert_close(actual.pred_score, expected.pred_score)
 
 
-def test_local_features_average_each_positions_neighbours_that_exist() -> None:
+def test_local_features_count_zeros_past_the_border_as_patchcore_pools() -> None:
     grid = torch.arange(9, dtype=torch.float32).view(1, 1, 3, 3)  # 0 1 2 / 3 4 5 / 6 7 8
     pooled = local_features(grid, 3)
     assert pooled[0, 0, 1, 1] == 4.0  # the mean of all nine
+    assert pooled[0, 0, 0, 0] == (0 + 1 + 3 + 4) / 9  # a corner: four neighbours and five zeros
+    assert pooled[0, 0, 0, 1] == (0 + 1 + 2 + 3 + 4 + 5) / 9  # an edge: six and three zeros
+    assert torch.equal(local_features(grid, 1), grid)
+
+
+def test_local_features_without_zero_padding_average_the_neighbours_that_exist() -> None:
+    grid = torch.arange(9, dtype=torch.float32).view(1, 1, 3, 3)
+    pooled = local_features(grid, 3, zero_padded=False)
+    assert pooled[0, 0, 1, 1] == 4.0
     assert pooled[0, 0, 0, 0] == (0 + 1 + 3 + 4) / 4  # a corner has four
     assert pooled[0, 0, 0, 1] == (0 + 1 + 2 + 3 + 4 + 5) / 6  # an edge six
-    assert torch.equal(local_features(grid, 1), grid)
 
 
 def test_a_neighbourhood_memory_compares_averaged_features() -> None:
@@ -253,11 +263,13 @@ def test_a_neighbourhood_memory_compares_averaged_features() -> None:
     generator = torch.Generator().manual_seed(6)
     pool = torch.randn(30, 4, generator=generator)
     features = torch.randn(1, 4, 3, 3, generator=generator)
-    averaged = average_over_neighbours(features)
-    local, plain = FeatureMemory(size=30, dim=4, neighbourhood=3), FeatureMemory(size=30, dim=4)
-    local.fit(pool)
+    plain = FeatureMemory(size=30, dim=4)
     plain.fit(pool)
-    torch.testing.assert_close(local.distance_map(features), plain.distance_map(averaged), atol=1e-4, rtol=1e-4)
+    for zero_padded in (True, False):
+        local = FeatureMemory(size=30, dim=4, neighbourhood=3, zero_padded=zero_padded)
+        local.fit(pool)
+        averaged = average_over_neighbours(features, zero_padded)
+        torch.testing.assert_close(local.distance_map(features), plain.distance_map(averaged), atol=1e-4, rtol=1e-4)
 
 
 def test_even_neighbourhoods_are_refused() -> None:
@@ -288,18 +300,18 @@ def test_the_multiscale_memory_reads_the_stride_8_and_deepest_stages() -> None:
     assert widths == [40, 80, 112] and built.memory_channels == ((0, 40), (40 + 80, 40 + 80 + 112))
     assert build_backbone("efficientnet_lite0", pre_trained=False).memory_channels == ()  # one stage: all of it
     default = FcddHsc(pre_trained=False).model.memory
-    assert (default.channels, default.neighbourhood) == (((0, 40), (120, 232)), 3)
+    assert (default.channels, default.neighbourhood, default.zero_padded) == (((0, 40), (120, 232)), 3, True)
     assert FcddHsc(pre_trained=False, memory_neighbourhood=1).model.memory.neighbourhood == 1
 
 
 def test_a_saved_memory_reads_features_as_it_was_built() -> None:
     # How a memory reads features travels with it: loaded into a memory built with other settings, it scores as saved.
     generator = torch.Generator().manual_seed(7)
-    saved = FeatureMemory(size=10, dim=2, neighbourhood=3, channels=((1, 3),))
+    saved = FeatureMemory(size=10, dim=2, neighbourhood=3, channels=((1, 3),), zero_padded=False)
     saved.fit(torch.randn(30, 2, generator=generator))
     other = FeatureMemory(size=10, dim=2)
     other.load_state_dict(saved.state_dict())
-    assert (other.channels, other.neighbourhood) == (((1, 3),), 3)
+    assert (other.channels, other.neighbourhood, other.zero_padded) == (((1, 3),), 3, False)
     features = torch.randn(1, 4, 3, 3, generator=generator)
     torch.testing.assert_close(other.distance_map(features), saved.distance_map(features))
 
@@ -314,3 +326,17 @@ def test_a_memory_saved_before_its_reading_was_stored_compares_every_channel_una
     assert (fresh.channels, fresh.neighbourhood) == ((), 1)
     features = torch.randn(2, 3, 4, 4, generator=generator)
     torch.testing.assert_close(fresh.distance_map(features), plain.distance_map(features))
+
+
+def test_a_memory_saved_before_borders_were_zero_padded_averages_the_neighbours_that_exist() -> None:
+    # Its saved reading has channels and a neighbourhood but no zero_padded: it loads as built, without zeros.
+    generator = torch.Generator().manual_seed(9)
+    built = FeatureMemory(size=10, dim=3, neighbourhood=3, zero_padded=False)
+    built.fit(torch.randn(30, 3, generator=generator))
+    state = built.state_dict()
+    state["_extra_state"] = {"channels": [], "neighbourhood": 3}
+    fresh = FeatureMemory(size=10, dim=3, neighbourhood=3)
+    fresh.load_state_dict(state)
+    assert fresh.zero_padded is False
+    features = torch.randn(2, 3, 4, 4, generator=generator)
+    torch.testing.assert_close(fresh.distance_map(features), built.distance_map(features))
