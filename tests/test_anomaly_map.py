@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -121,3 +123,46 @@ def test_the_matrix_form_keeps_the_convolutions_sums_and_gradients(
         gradients.append(gradient)
     torch.testing.assert_close(maps[0], maps[1], rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-6, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# normalized=True: a weighted mean of the low-resolution scores instead of their sum
+# ---------------------------------------------------------------------------------------------------------------------
+def weighted_mean_by_hand(low: np.ndarray, size: int, field: ReceptiveField, std: float) -> np.ndarray:
+    """Output pixel (y, x) as the mean of the low-resolution scores weighted by the Gaussian of each one's distance
+    from it, pixel by pixel: w_ij = g(y - (j_s i + s)) g(x - (j_s j + s)), g(d) = exp(-d^2 / (2 std^2)) restricted to
+    the kernel's taps. The reference's even window duplicates its centre tap, so two pixels per axis hold the peak;
+    on the VGG field, with centres at 8 i + 3.5, that is a distance of 0.5 rounded down to 0 on both sides."""
+    half = (62 - 1) // 2  # 30 taps either side of the duplicated centre
+
+    def weight(distance: float) -> float:
+        steps = math.floor(abs(distance))  # |d| = 0.5 -> the centre tap, 1.5 -> one tap out, ...
+        return math.exp(-0.5 * (steps / std) ** 2) if steps <= half else 0.0
+
+    out = np.zeros((size, size))
+    for y in range(size):
+        for x in range(size):
+            numerator = denominator = 0.0
+            for i in range(low.shape[0]):
+                for j in range(low.shape[1]):
+                    w = weight(y - (field.stride * i + field.offset)) * weight(x - (field.stride * j + field.offset))
+                    numerator += w * low[i, j]
+                    denominator += w
+            out[y, x] = numerator / denominator
+    return out
+
+
+@MODES
+def test_a_normalized_upsampler_gives_the_weighted_mean_of_the_scores(separable: bool) -> None:
+    low = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    upsampler = ReceptiveFieldUpsampler(VGG_FIELD, std=12.0, separable=separable, normalized=True)
+    out = upsampler(low, (32, 32))[0, 0].numpy()
+    np.testing.assert_allclose(out, weighted_mean_by_hand(low[0, 0].numpy(), 32, VGG_FIELD, 12.0), rtol=1e-6)
+
+
+@MODES
+def test_a_normalized_upsampler_keeps_a_constant_map_constant_up_to_the_border(separable: bool) -> None:
+    # The reference's sum scales a constant by 3.7 in the middle and 1.0 in the corners; the mean keeps it.
+    upsampler = ReceptiveFieldUpsampler(VGG_FIELD, std=12.0, separable=separable, normalized=True)
+    out = upsampler(torch.full((1, 1, 28, 28), 2.0), (224, 224))
+    torch.testing.assert_close(out, torch.full_like(out, 2.0))

@@ -158,3 +158,31 @@ def test_default_model_averages_four_heads_and_the_option_overrides() -> None:
     assert FcddHsc(pre_trained=False).model.head[3].out_channels == 4
     assert FcddHsc(pre_trained=False, heads=1).model.head[3].out_channels == 1
     assert FcddHsc(backbone="vgg11_bn", pre_trained=False, minmax="bottle").model.head.out_channels == 1
+
+
+def test_a_normalized_map_is_the_weighted_mean_at_inference_and_the_reference_sum_in_training() -> None:
+    torch.manual_seed(10)
+    kwargs = {"backbone": "efficientnet_lite0", "pre_trained": False, "minmax": "bottle", "heads": 2}
+    model = FcddModel(**kwargs, normalized_map=True)
+    reference = FcddModel(**kwargs)
+    assert model.state_dict().keys() == reference.state_dict().keys()  # parameter-free: checkpoints unchanged
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(11))
+    model.eval()
+    with torch.no_grad():
+        low_res = model.low_resolution_map(images)
+        sums, mass = model.upsampler(low_res, (64, 64)), model.upsampler(torch.ones_like(low_res[:1]), (64, 64))
+        torch.testing.assert_close(model(images).anomaly_map, sums / mass)
+    assert mass.max() / mass.min() > 2  # the reference's sum fades towards the border: the two differ
+    model.train()
+    output = model(images)
+    for k in range(2):  # the loss still sees the reference's sums
+        torch.testing.assert_close(
+            output.anomaly_map[:, k : k + 1], model.upsampler(output.low_res[:, k : k + 1], (64, 64))
+        )
+
+
+def test_the_multiscale_default_normalizes_its_map_and_the_papers_backbones_do_not() -> None:
+    assert FcddHsc(pre_trained=False).model.map_upsampler.normalized
+    paper = FcddHsc(backbone="vgg11_bn", pre_trained=False, minmax="bottle").model
+    assert paper.map_upsampler is paper.upsampler and not paper.upsampler.normalized
+    assert not FcddHsc(pre_trained=False, normalized_map=False).model.map_upsampler.normalized

@@ -91,9 +91,17 @@ class ReceptiveFieldUpsampler(nn.Module):
             still computed a 313 x 313 map to keep 224 x 224 of it. The products made a four-head training step about
             16 % shorter (``benchmarks/results/heads.md``) and the deployed FP16 graph 1.3-1.4x as fast
             (``benchmarks/results/offline/ANALYSIS.md``). ``False`` runs the reference's 2-D transposed convolution.
+        normalized: divide every output pixel by the kernel mass it receives, ``out / upsample(1)``: a weighted mean
+            of the low-resolution scores around it instead of their Gaussian-weighted sum. The reference's sum
+            scales a constant map by about 3.5 in the interior and 0.27 in the corners (at sigma 12 on a stride-8
+            grid), so a defect at the image's edge scores several times lower than the same defect in the middle.
+            Separable, ``upsample(1)`` is the outer product of the two matrices' row sums, so dividing each
+            matrix's rows by their sums does it at no cost.
     """
 
-    def __init__(self, receptive_field: ReceptiveField, std: float = 12.0, separable: bool = True) -> None:
+    def __init__(
+        self, receptive_field: ReceptiveField, std: float = 12.0, separable: bool = True, normalized: bool = False
+    ) -> None:
         super().__init__()
         if std <= 0:
             raise ValueError(f"gauss_std must be positive, got {std}.")
@@ -105,6 +113,7 @@ class ReceptiveFieldUpsampler(nn.Module):
         window = (gaussian_window(self.kernel_size, std) / 2).to(torch.float32)
         self.register_buffer("window", window, persistent=False)
         self.separable = separable
+        self.normalized = normalized
         self.crop_start = (self.kernel_size - 1) // 2 - math.floor(receptive_field.offset)
         if self.crop_start < 0:
             raise ValueError(f"Receptive field {receptive_field} gives a negative crop; offset larger than r/2.")
@@ -130,10 +139,16 @@ class ReceptiveFieldUpsampler(nn.Module):
         # output_padding.
         full = F.pad(full, (0, stride, 0, stride))
         start = self.crop_start
-        return full[:, :, start : start + height, start : start + width]
+        out = full[:, :, start : start + height, start : start + width]
+        if self.normalized:
+            ones = torch.ones_like(low_res[:1])
+            mass = F.pad(F.conv_transpose2d(ones, self.kernel.to(dtype=low_res.dtype), stride=stride), (0, stride) * 2)
+            out = out / mass[:, :, start : start + height, start : start + width]
+        return out
 
     def upsampling_matrix(self, low: int, high: int, device: torch.device) -> torch.Tensor:
-        """``high x low`` matrix of one axis: ``U[y, i] = g[y + c - j i]``, 0 where that is outside the window."""
+        """``high x low`` matrix of one axis: ``U[y, i] = g[y + c - j i]``, 0 where that is outside the window; with
+        ``normalized`` each row divided by its sum."""
         key = (low, high, device)
         if key not in self._matrices:
             if len(self._matrices) >= 8:  # a few training sizes at most; never grows without bound
@@ -142,5 +157,7 @@ class ReceptiveFieldUpsampler(nn.Module):
             inside = (taps >= 0) & (taps < self.kernel_size)
             window = self.window.cpu()
             matrix = torch.where(inside, window[taps.clamp(0, self.kernel_size - 1)], torch.zeros(()))
+            if self.normalized:
+                matrix = matrix / matrix.sum(dim=1, keepdim=True)
             self._matrices[key] = matrix.to(device)
         return self._matrices[key]

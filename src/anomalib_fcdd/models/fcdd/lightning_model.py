@@ -186,9 +186,10 @@ class FcddHsc(AnomalibModule):
         frozen_bn_train_mode: keep frozen BatchNorm layers in train mode while training (reference behaviour).
 
     ``optimizer``, ``lr``, ``lr_decay``, ``lr_schedule``, ``epochs``, ``passes_per_epoch``, ``frozen_bn_train_mode``,
-    ``head``, ``heads``, ``image_score``, ``anomaly_fill``, ``feature_noise`` and ``confetti_with_real`` left unset
-    take the backbone's measured defaults (``backbones.TRAINING_DEFAULTS``; the paper's recipe for VGG-11-BN and the
-    ResNets), so every backbone trains to its best accuracy in a bounded time.
+    ``head``, ``heads``, ``image_score``, ``anomaly_fill``, ``feature_noise``, ``confetti_with_real``,
+    ``memory_neighbourhood`` and ``normalized_map`` left unset take the backbone's measured defaults
+    (``backbones.TRAINING_DEFAULTS``; the paper's recipe for VGG-11-BN and the ResNets), so every backbone trains to
+    its best accuracy in a bounded time.
         precision: Lightning precision; ``auto`` = ``bf16-mixed`` where bf16 is native (AMX/AVX512-BF16 CPUs, CUDA
             GPUs with bf16), else ``32-true``.
         accelerate: channels-last tensors and BatchNorm folded at inference (:mod:`.acceleration`); ``False`` runs
@@ -209,6 +210,9 @@ class FcddHsc(AnomalibModule):
         memory_neighbourhood: compare feature vectors averaged over ``k x k`` neighbours (PatchCore's locally aware
             features; odd ``k``) instead of the vectors themselves (1). Default: the backbone's (3 for
             ``efficientnet_lite0_multiscale``, whose memory also reads only its stride-8 and deepest stages).
+        normalized_map: upsample the output map as a weighted mean of the low-resolution scores instead of the
+            reference's Gaussian sum, whose mass fades towards the image's border (:class:`~.torch_model.FcddModel`);
+            training keeps the sum. Default: the backbone's (on for ``efficientnet_lite0_multiscale``).
         feature_noise: relative size of the feature-space anomalies scored alongside every training batch (its
             features plus Gaussian noise, :mod:`.feature_anomalies`; not in the paper); 0 turns them off.
         confetti_with_real: with real training anomalies (semi-supervised datamodules), also corrupt the batch's
@@ -254,6 +258,7 @@ class FcddHsc(AnomalibModule):
         memory_size: int = MEMORY_SIZE,
         memory_dim: int = MEMORY_DIM,
         memory_neighbourhood: int | None = None,
+        normalized_map: bool | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: Any = True,
         evaluator: Evaluator | bool = True,
@@ -309,6 +314,7 @@ class FcddHsc(AnomalibModule):
             memory_size=memory_size,
             memory_dim=memory_dim,
             memory_neighbourhood=_chosen(memory_neighbourhood, defaults.memory_neighbourhood),
+            normalized_map=bool(_chosen(normalized_map, defaults.normalized_map)),
         )
         #: Optimiser step at which the memory was last built (``image_score="memory"``), ``None`` before.
         self._memory_step: int | None = None

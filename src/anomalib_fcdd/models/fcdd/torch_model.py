@@ -133,6 +133,11 @@ class FcddModel(nn.Module):
         heads: number of heads trained side by side, each from its own random start and on its own loss; the map is
             the mean of their pseudo-Huber maps, ``H = mean_k h(phi_k)``. One head's result depends on its start
             (``benchmarks/results/offline/ANALYSIS.md``); the mean of several does much less.
+        normalized_map: at inference, upsample the map as a weighted mean of the low-resolution scores
+            (``ReceptiveFieldUpsampler(normalized=True)``: ``up(H) / up(1)``) instead of the reference's Gaussian
+            sum, which scales a score at the image's corner by 0.27 and in the middle by 3.5, hiding defects at
+            the border. Training keeps the reference's sum for its loss (training on the mean did worse, offline
+            ``ANALYSIS.md``), and the memory's distances keep it too.
     """
 
     def __init__(
@@ -153,6 +158,7 @@ class FcddModel(nn.Module):
         memory_size: int = MEMORY_SIZE,
         memory_dim: int = MEMORY_DIM,
         memory_neighbourhood: int = 1,
+        normalized_map: bool = False,
     ) -> None:
         super().__init__()
         self.image_score = check_image_score(image_score)
@@ -173,7 +179,14 @@ class FcddModel(nn.Module):
             self.normalization = WeightsNormalization(built.input_mean, built.input_std)
         self.features = built.features
         self.head = build_head(head, built.out_channels, heads)
-        self.upsampler = ReceptiveFieldUpsampler(derive_receptive_field(self.features), gauss_std)
+        field = derive_receptive_field(self.features)
+        #: The reference's upsampler: the training loss's maps and the memory's distances.
+        self.upsampler = ReceptiveFieldUpsampler(field, gauss_std)
+        #: The output map's at inference: the same, or its normalised form (``normalized_map``). Parameter-free, so
+        #: neither changes the state dict.
+        self.map_upsampler = (
+            ReceptiveFieldUpsampler(field, gauss_std, normalized=True) if normalized_map else self.upsampler
+        )
         self.missing_weights = built.missing_weights
         if self.missing_weights is not None:
             # Offline without the ImageNet file: fine when a checkpoint is about to supply every backbone weight
@@ -284,7 +297,7 @@ class FcddModel(nn.Module):
             return self.training_output(images)
         features = self.backbone_features(images)
         low_res = self.map_of_features(features)
-        anomaly_map = self.upsampler(low_res, images.shape[-2:])
+        anomaly_map = self.map_upsampler(low_res, images.shape[-2:])
         if self.memory is not None:
             distances = self.upsampler(self.memory.distance_map(features), images.shape[-2:])
             return InferenceBatch(pred_score=distances.amax(dim=(1, 2, 3)), anomaly_map=anomaly_map)

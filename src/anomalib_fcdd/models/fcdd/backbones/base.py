@@ -63,6 +63,9 @@ class TrainingDefaults:
     image_score: str = "mean"
     #: ``image_score="memory"``: feature vectors averaged over k x k neighbours before they are compared.
     memory_neighbourhood: int = 1
+    #: The output map upsampled as a weighted mean instead of the reference's Gaussian-weighted sum, which fades
+    #: towards the image's border (``ReceptiveFieldUpsampler(normalized=True)``); training keeps the reference's.
+    normalized_map: bool = False
     frozen_bn_train_mode: bool = True
     #: What fills the confetti blobs (``anomaly_generator.FILLS``): the paper's flat colours by default.
     anomaly_fill: str = "colour"
