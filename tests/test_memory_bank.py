@@ -166,8 +166,9 @@ def test_training_builds_the_memory_from_the_normal_training_images(trained: tup
     model, _ = trained
     memory = model.model.memory
     # 16 training images of 8 x 8 positions at 64 px: 1,024 candidates, 300 kept, 16 PCA dimensions of the 40 + 112
-    # channels of the stride-8 and deepest stages, averaged over 3 x 3 neighbours (the multi-scale backbone's defaults)
-    assert (memory.channels, memory.neighbourhood) == (((0, 40), (120, 232)), 3)
+    # channels of the stride-8 and deepest stages, averaged over 3 x 3 neighbours with zeros past the border (the
+    # multi-scale backbone's defaults)
+    assert (memory.channels, memory.neighbourhood, memory.zero_padded) == (((0, 40), (120, 232)), 3, True)
     assert memory.vectors.shape == (300, 16) and memory.basis.shape == (152, 16) and memory.mean.shape == (152,)
     torch.testing.assert_close(memory.basis.T @ memory.basis, torch.eye(16), atol=1e-4, rtol=0)
 
@@ -183,9 +184,11 @@ def test_image_score_is_the_peak_of_the_upsampled_memory_distances(trained: tupl
         vectors = (compared.flatten(2).transpose(1, 2) - net.memory.mean) @ net.memory.basis
         nearest = torch.cdist(vectors, net.memory.vectors[None].expand(2, -1, -1)).amin(-1).view(2, 1, 8, 8)
         expected = net.upsampler(nearest, (64, 64)).amax(dim=(1, 2, 3))
-        heads_map = net.upsampler(net.low_resolution_map(images), (64, 64))
+        low_res = net.low_resolution_map(images)
+        # the map stays FCDD's: its heads' scores upsampled as a weighted mean (the default normalized_map)
+        heads_map = net.upsampler(low_res, (64, 64)) / net.upsampler(torch.ones_like(low_res[:1]), (64, 64))
     torch.testing.assert_close(output.pred_score, expected, atol=1e-3, rtol=1e-4)
-    torch.testing.assert_close(output.anomaly_map, heads_map)  # the map stays FCDD's
+    torch.testing.assert_close(output.anomaly_map, heads_map)
 
 
 def test_checkpoint_and_openvino_export_score_with_the_memory(trained: tuple[FcddHsc, Engine], tmp_path: Path) -> None:
