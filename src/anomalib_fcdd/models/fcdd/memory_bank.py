@@ -150,8 +150,8 @@ class FeatureMemory(nn.Module):
     ``channels`` (``[start, stop)`` ranges of the backbone's channels; empty: all), ``neighbourhood`` and
     ``zero_padded`` say what the memory compares (:meth:`memory_features`). They are saved with the buffers
     (``get_extra_state``), so a memory always reads features as it was built, whatever the defaults of the model it is
-    loaded into. The three buffers
-    start empty; a state dict brings its own shapes, so a trained memory loads into a freshly built model.
+    loaded into. The three buffers start empty; a state dict brings its own shapes, so a trained memory loads into a
+    freshly built model.
     """
 
     def __init__(
