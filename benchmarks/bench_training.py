@@ -100,7 +100,8 @@ def build(variant: Variant) -> FcddHsc:
     torch.manual_seed(0)
     model = FcddHsc(pre_trained=False, minmax="bottle", accelerate=variant.accelerate, visualizer=False)
     stand_in_memory(model)
-    model.model.upsampler.separable = variant.separable_upsampling
+    for upsampler in (model.model.upsampler, model.model.map_upsampler):  # training's and the output map's
+        upsampler.separable = variant.separable_upsampling
     if not variant.fold_batchnorm:  # this trick alone off: the seam hands back the backbone as it is
         model.model.acceleration.backbone = lambda features, training: features
     model.model.train()

@@ -60,6 +60,14 @@ def test_paper_timing_names_a_missing_dataset(tmp_path: Path, capsys: pytest.Cap
     assert "nowhere" in capsys.readouterr().err
 
 
+def test_a_variant_without_separable_upsampling_reaches_the_output_maps_upsampler() -> None:
+    # The default model scores its map with its own (normalised) upsampler beside training's: both run the variant.
+    variant = bench_training.Variant("2-D upsampling", bf16=False, accelerate=False, separable_upsampling=False)
+    model = bench_training.build(variant).model
+    assert model.map_upsampler is not model.upsampler
+    assert not model.upsampler.separable and not model.map_upsampler.separable
+
+
 @pytest.mark.slow
 def test_training_benchmark_times_every_variant(tmp_path: Path) -> None:
     output = tmp_path / "training.md"
