@@ -424,10 +424,11 @@ def test_int8_ptq_quantises_only_the_convolutions(trained: dict[str, Any], tmp_p
     quantised = run_openvino(artefact.path, images)["anomaly_map"].ravel()
     if not trained["real_images"]:
         pytest.xfail(INT8_PTQ_SYNTHETIC)
-    # The module's model has the pretrained multi-scale backbone and four heads trained for one pass: 0.993 measured
-    # on bottle (0.997 with one head; a random backbone tracks loosely, 0.34-0.78). The bound catches a broken
-    # quantisation.
-    assert np.corrcoef(reference, quantised)[0, 1] > 0.95
+    # The module's model has the pretrained multi-scale backbone and four heads trained for one pass. Its heads' map
+    # tracked at 0.993 on bottle (0.997 with one head; a random backbone tracks loosely, 0.34-0.78); the default map
+    # adds the memory's distances (fused_map), which the quantised backbone's features move more: 0.84 measured. The
+    # bound catches a broken quantisation (an unrelated map correlates near 0).
+    assert np.corrcoef(reference, quantised)[0, 1] > 0.75
 
 
 # ---------------------------------------------------------------------------------------------------------------------

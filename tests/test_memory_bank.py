@@ -12,9 +12,11 @@ import pytest
 import torch
 from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
+from torchvision.transforms.v2.functional import InterpolationMode, resize
 
 from anomalib_fcdd import FcddHsc
 from anomalib_fcdd.data import MVTec
+from anomalib_fcdd.data.decode import decode_image_tensor
 from anomalib_fcdd.errors import ConfigurationError
 from anomalib_fcdd.models.fcdd import FcddModel
 from anomalib_fcdd.models.fcdd.backbones import build_backbone
@@ -150,7 +152,11 @@ def test_impossible_memory_options_are_refused(name: str, value: object) -> None
 def trained(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[FcddHsc, Engine]:
     seed_everything(0, workers=True)
     datamodule = MVTec(root=synthetic_root, category="synthetic", train_batch_size=8, eval_batch_size=8, num_workers=0)
-    model = FcddHsc(image_score="memory", memory_size=300, memory_dim=16, image_size=64, epochs=1, passes_per_epoch=1)
+    # the heads' map alone here; the fused one: test_map_fusion.py
+    model = FcddHsc(
+        image_score="memory", fused_map=False, memory_size=300, memory_dim=16, image_size=64, epochs=1,
+        passes_per_epoch=1,
+    )  # fmt: skip
     engine = Engine(
         default_root_dir=tmp_path_factory.mktemp("memory_run"),
         logger=False,
@@ -207,6 +213,19 @@ def test_checkpoint_and_openvino_export_score_with_the_memory(trained: tuple[Fcd
     outputs = {output.any_name: result[output] for output in compiled.outputs}
     np.testing.assert_allclose(outputs["pred_score"].reshape(-1), eager.pred_score.numpy().reshape(-1), atol=1e-4)
     np.testing.assert_allclose(outputs["anomaly_map"], eager.anomaly_map.numpy(), atol=1e-4)
+
+
+def test_the_memory_sees_training_images_resized_once_as_test_images_are(trained: tuple[FcddHsc, Engine]) -> None:
+    # Training decodes images to 240/224 of the input size (69 px here) and crops them in the model; the memory
+    # compares test images, decoded and resized once to 64 px, so it must see the training images that way too.
+    model, _ = trained
+    seen = next(iter(model._normal_training_images(as_tested=True)))
+    paths = model.trainer.datamodule.train_data.samples.image_path.iloc[: len(seen)]
+    originals = [decode_image_tensor(path) for path in paths]
+    expected = torch.stack([resize(image, [64, 64], InterpolationMode.NEAREST) for image in originals])
+    torch.testing.assert_close(seen, expected)
+    # training's own batches stay at the training size
+    assert next(iter(model._normal_training_images())).shape[-2:] == (69, 69)
 
 
 @pytest.mark.parametrize(("backbone", "builds"), [("efficientnet_lite0_multiscale", 1), ("efficientnet_lite0", 2)])

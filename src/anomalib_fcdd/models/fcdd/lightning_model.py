@@ -18,6 +18,7 @@ with ``weights_only=True``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -44,6 +45,7 @@ from .backbones import check_backbone_name, training_defaults
 from .backbones.weights import existing_weight_file
 from .feature_anomalies import SPREAD_IMAGES, SpreadAccumulator
 from .loss import FcddLoss, check_loss_name
+from .map_fusion import CALIBRATION_SIZE, CalibrationSample
 from .memory_bank import MEMORY_DIM, MEMORY_SIZE, POOL_SIZE, PositionPool
 from .pre_processing import (
     MVTEC_MINMAX,
@@ -187,7 +189,7 @@ class FcddHsc(AnomalibModule):
 
     ``optimizer``, ``lr``, ``lr_decay``, ``lr_schedule``, ``epochs``, ``passes_per_epoch``, ``frozen_bn_train_mode``,
     ``head``, ``heads``, ``image_score``, ``anomaly_fill``, ``feature_noise``, ``confetti_with_real``,
-    ``memory_neighbourhood`` and ``normalized_map`` left unset take the backbone's measured defaults
+    ``memory_neighbourhood``, ``normalized_map`` and ``fused_map`` left unset take the backbone's measured defaults
     (``backbones.TRAINING_DEFAULTS``; the paper's recipe for VGG-11-BN and the ResNets), so every backbone trains to
     its best accuracy in a bounded time.
         precision: Lightning precision; ``auto`` = ``bf16-mixed`` where bf16 is native (AMX/AVX512-BF16 CPUs, CUDA
@@ -213,6 +215,9 @@ class FcddHsc(AnomalibModule):
         normalized_map: upsample the output map as a weighted mean of the low-resolution scores instead of the
             reference's Gaussian sum, whose mass fades towards the image's border (:class:`~.torch_model.FcddModel`);
             training keeps the sum. Default: the backbone's (on for ``efficientnet_lite0_multiscale``).
+        fused_map: the output map adds the memory's distances to the heads' scores, each divided by its spread over
+            normal training positions (:mod:`.map_fusion`); the memory is then built whatever ``image_score`` is.
+            Default: the backbone's (on for ``efficientnet_lite0_multiscale``).
         feature_noise: relative size of the feature-space anomalies scored alongside every training batch (its
             features plus Gaussian noise, :mod:`.feature_anomalies`; not in the paper); 0 turns them off.
         confetti_with_real: with real training anomalies (semi-supervised datamodules), also corrupt the batch's
@@ -259,6 +264,7 @@ class FcddHsc(AnomalibModule):
         memory_dim: int = MEMORY_DIM,
         memory_neighbourhood: int | None = None,
         normalized_map: bool | None = None,
+        fused_map: bool | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: Any = True,
         evaluator: Evaluator | bool = True,
@@ -315,9 +321,12 @@ class FcddHsc(AnomalibModule):
             memory_dim=memory_dim,
             memory_neighbourhood=_chosen(memory_neighbourhood, defaults.memory_neighbourhood),
             normalized_map=bool(_chosen(normalized_map, defaults.normalized_map)),
+            fused_map=bool(_chosen(fused_map, defaults.fused_map)),
         )
         #: Optimiser step at which the memory was last built (``image_score="memory"``), ``None`` before.
         self._memory_step: int | None = None
+        #: Normal training positions drawn with the memory's pool: the fused map's spreads are measured on them.
+        self._calibration: CalibrationSample | None = None
         self.loss = FcddLoss(loss)
         self.anomaly_generator = ConfettiAnomalyGenerator(
             probability=anomaly_probability,
@@ -388,20 +397,31 @@ class FcddHsc(AnomalibModule):
         self._refresh_memory()
 
     def _refresh_memory(self) -> None:
-        """(Re)build the memory where it is missing, or stale because training has changed the features since."""
+        """(Re)build the memory where it is missing, or stale because training has changed the features since; then
+        measure the fused map's spreads again, since the heads change with every step."""
         memory = self.model.memory
         if memory is None:
             return
         step = self.trainer.global_step
         changed = self.model.features_change_in_training and step != self._memory_step
-        if self._memory_step is None or changed or not memory.ready:
+        uncalibrated = self.model.map_fusion is not None and self._calibration is None
+        if self._memory_step is None or changed or not memory.ready or uncalibrated:
             self._build_memory()
             self._memory_step = step
+        if self.model.map_fusion is not None and self._calibration is not None:
+            self.model.calibrate_map(self._calibration)
+            logger.info(
+                "FCDD: fused map's spreads (heads, memory) %s on %d training positions.",
+                [round(value, 6) for value in self.model.map_fusion.spreads.tolist()],
+                len(self._calibration.features),
+            )
 
     @torch.no_grad()
     def _build_memory(self) -> None:
-        """Fill the memory from the clean normal training images, resized as for testing, in eval mode
-        (:mod:`.memory_bank`: a bounded pool of positions, its PCA basis, a greedy coreset in it)."""
+        """Fill the memory from the clean normal training images, decoded and resized once as test images are
+        (:meth:`_normal_training_batches` with ``as_tested``), in eval mode
+        (:mod:`.memory_bank`: a bounded pool of positions, its PCA basis, a greedy coreset in it). With ``fused_map``
+        it also keeps a sample of other positions for the map's spreads (:mod:`.map_fusion`)."""
         memory = self.model.memory
         datamodule = self.trainer.datamodule
         dataset = getattr(datamodule, "train_data", None)
@@ -413,16 +433,29 @@ class FcddHsc(AnomalibModule):
             images = int(batches) * size if math.isfinite(batches) else POOL_SIZE
         started = time.perf_counter()
         pool = PositionPool(POOL_SIZE, max(1, images), torch.Generator().manual_seed(0))
+        calibration = (
+            PositionPool(CALIBRATION_SIZE, max(1, images), torch.Generator().manual_seed(1))
+            if self.model.map_fusion is not None
+            else None
+        )
         resize = resize_transform(self.image_size, self.resize)
         was_training = self.model.training
         self.model.eval()
         try:
-            for batch in self._normal_training_images():
-                pool.add(memory.memory_features(self.model.backbone_features(resize(batch))))
+            for batch in self._normal_training_images(as_tested=True):
+                features = self.model.backbone_features(resize(batch))
+                read = memory.memory_features(features)
+                pool.add(read)
+                if calibration is not None:
+                    calibration.add(torch.cat([features.float(), read.float()], dim=1))
         finally:
             self.model.train(was_training)
         vectors = pool.vectors()
         memory.fit(vectors.to(self.device))
+        if calibration is not None:
+            sample = calibration.vectors()
+            channels = read.shape[1]
+            self._calibration = CalibrationSample(sample[:, :-channels], sample[:, -channels:])
         logger.info(
             "FCDD: image-score memory of %d vectors (%d PCA dimensions) chosen from %d training positions in %.1f s.",
             len(memory.vectors),
@@ -497,20 +530,32 @@ class FcddHsc(AnomalibModule):
         logger.info("FCDD: feature-noise scale measured on %d training images.", images_seen)
         return accumulator.spread()
 
-    def _normal_training_images(self) -> Iterator[torch.Tensor]:
+    def _normal_training_images(self, as_tested: bool = False) -> Iterator[torch.Tensor]:
         """The normal images of each training batch (never an empty one), on the model's device."""
-        for batch in self._normal_training_batches():
+        for batch in self._normal_training_batches(as_tested):
             labels = batch.gt_label
             images = batch.image if labels is None else batch.image[~torch.as_tensor(labels).bool()]
             if len(images):
                 yield images.to(self.device)
 
-    def _normal_training_batches(self) -> Any:
-        """Batches of the datamodule's normal training set, or the trainer's training loader if it has none."""
+    def _normal_training_batches(self, as_tested: bool = False) -> Any:
+        """Batches of the datamodule's normal training set, or the trainer's training loader if it has none.
+
+        ``as_tested``: decode the images straight to the evaluation size, as the test images are, instead of to the
+        larger training size (then resized again): a copy of the dataset whose augmentations end in the evaluation
+        resize (:meth:`~.pre_processing.FcddPreProcessor.evaluation_augmentations`). Its items are decoded anew,
+        since the kept training items are the training size's. Resizing twice cost Magnetic-Tile's memory 0.5 points
+        of image AUROC (offline ``ANALYSIS.md``)."""
         datamodule = self.trainer.datamodule
         dataset = getattr(datamodule, "train_data", None)
         if dataset is None:
             return self.trainer.train_dataloader
+        swap = getattr(self.pre_processor, "evaluation_augmentations", None)
+        if as_tested and swap is not None and hasattr(dataset, "augmentations"):
+            augmentations = swap(dataset.augmentations)
+            if augmentations is not dataset.augmentations:
+                dataset = copy.copy(dataset)
+                dataset.augmentations = augmentations
         return DataLoader(
             dataset,
             batch_size=getattr(datamodule, "eval_batch_size", 32),

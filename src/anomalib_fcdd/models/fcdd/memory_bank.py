@@ -202,21 +202,26 @@ class FeatureMemory(nn.Module):
         is added after the minimum (half the time of forming every full distance first). Clamped at 0 against
         rounding before the square root; fp32 throughout, since bf16 would lose the small difference of large terms.
         """
-        if not self.ready:
-            raise RuntimeError(
-                "image_score='memory' needs the memory of normal features that training builds at its end; this "
-                "model has none. Train it (anomalib-fcdd train / Engine.fit), or load a checkpoint trained with "
-                "image_score='memory'."
-            )
         batch, _, height, width = features.shape
         with torch.autocast(features.device.type, enabled=False):
             features = self.memory_features(features.float())
             flat = features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1])  # B*hw x C
-            vectors = (flat - self.mean) @ self.basis  # B*hw x dim
+            return self.distances(flat).view(batch, 1, height, width)
+
+    def distances(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``min_m |(v - mu) W - z_m|`` of N x C vectors already read as the memory reads them (N, fp32); the
+        computation :meth:`distance_map` describes."""
+        if not self.ready:
+            raise RuntimeError(
+                "image_score='memory' and fused_map need the memory of normal features that training builds at its "
+                "end; this model has none. Train it (anomalib-fcdd train / Engine.fit), or load a checkpoint trained "
+                "with them."
+            )
+        with torch.autocast(vectors.device.type, enabled=False):
+            projected = (vectors.float() - self.mean) @ self.basis  # N x dim
             memory_norms = (self.vectors * self.vectors).sum(dim=1)
-            nearest = torch.addmm(memory_norms, vectors, self.vectors.T, alpha=-2).amin(dim=1)
-            distances = (nearest + (vectors * vectors).sum(dim=1)).clamp_min(0).sqrt()
-        return distances.view(batch, 1, height, width)
+            nearest = torch.addmm(memory_norms, projected, self.vectors.T, alpha=-2).amin(dim=1)
+            return (nearest + (projected * projected).sum(dim=1)).clamp_min(0).sqrt()
 
     def get_extra_state(self) -> dict[str, Any]:
         """How the saved memory reads features (restored by :meth:`set_extra_state`)."""

@@ -451,6 +451,12 @@ class FcddPreProcessor(PreProcessor):
         self.train_transform = resize_transform(self.train_size, resize)
         self.aspect_side = None
 
+    def evaluation_augmentations(self, augmentations: Any) -> Any:
+        """A training set's ``augmentations`` with the training resize (to ``train_size``) swapped back for the
+        evaluation one: images decoded straight to ``image_size``, resized once as test images are, where resizing
+        the training images again would resize twice (anything else is kept)."""
+        return _swap_resize(augmentations, self.train_transform, self.transform)
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Batch, batch_idx: int) -> None:
         """Resize training images and masks to ``train_size``."""
         del trainer, pl_module, batch_idx

@@ -11,7 +11,9 @@ In eval mode it returns anomalib's ``InferenceBatch`` with ``anomaly_map = A`` a
 ``mean(H)``, the mean of the *low-resolution* map, as the reference's ``reduce_ascore`` does (``image_score="mean"``),
 ``max(A)``, the peak of the smoothed map (``image_score="max"``), which does not dilute a small defect by the
 normal area around it, or ``max(upsample(D))`` with ``D`` each feature vector's distance to a small memory of normal
-ones (``image_score="memory"``, :mod:`.memory_bank`; not in the paper), while the map stays ``A``.
+ones (``image_score="memory"``, :mod:`.memory_bank`; not in the paper). With ``fused_map`` (not in the paper) the map
+is ``upsample(H / s_H + D / s_D)``, both scores divided by their spreads over normal training positions
+(:mod:`.map_fusion`); otherwise it is ``A``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .acceleration import Acceleration
 from .anomaly_map import ReceptiveField, ReceptiveFieldUpsampler
 from .backbones import WeightsError, build_backbone, derive_receptive_field
 from .feature_anomalies import FeatureNoise
+from .map_fusion import CalibrationSample, MapFusion
 from .memory_bank import MEMORY_DIM, MEMORY_SIZE, FeatureMemory
 from .pre_processing import InputNormalization, WeightsNormalization, resolve_input_normalization
 
@@ -138,6 +141,9 @@ class FcddModel(nn.Module):
             sum, which scales a score at the image's corner by 0.27 and in the middle by 3.5, hiding defects at
             the border. Training keeps the reference's sum for its loss (training on the mean did worse, offline
             ``ANALYSIS.md``), and the memory's distances keep it too.
+        fused_map: at inference, the map is the sum of the heads' scores and the memory's distances, each divided by
+            its spread over normal training positions (:mod:`.map_fusion`), instead of the heads' scores alone. The
+            model then keeps the memory whatever ``image_score`` is.
     """
 
     def __init__(
@@ -159,6 +165,7 @@ class FcddModel(nn.Module):
         memory_dim: int = MEMORY_DIM,
         memory_neighbourhood: int = 1,
         normalized_map: bool = False,
+        fused_map: bool = False,
     ) -> None:
         super().__init__()
         self.image_score = check_image_score(image_score)
@@ -166,12 +173,14 @@ class FcddModel(nn.Module):
         self.backbone_name = backbone
         self.acceleration = Acceleration(accelerate)
         built = build_backbone(backbone, pre_trained, weights_path, frozen_modules)
-        # Only models that score with it carry the memory, so other checkpoints keep their keys.
+        # Only models that score with it carry the memory (and the fusion its spreads), so other checkpoints keep
+        # their keys.
         self.memory = (
             FeatureMemory(memory_size, memory_dim, memory_neighbourhood, built.memory_channels)
-            if image_score == "memory"
+            if image_score == "memory" or fused_map
             else None
         )
+        self.map_fusion = MapFusion() if fused_map else None
         self.input_normalization = resolve_input_normalization(input_normalization, backbone, pre_trained)
         if self.input_normalization == "lcn_minmax":
             self.normalization: nn.Module = InputNormalization(minmax)
@@ -200,6 +209,7 @@ class FcddModel(nn.Module):
             self._frozen_batchnorms += [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.register_load_state_dict_post_hook(_forget_folded_backbone)
         self.register_load_state_dict_pre_hook(self._score_without_a_saved_memory)
+        self.register_load_state_dict_pre_hook(self._map_without_saved_spreads)
         self.acceleration.prepare(self)
         # Lightning keeps each module's mode at the start of fit, so the network starts in the modes ``train`` sets
         # (trainable layers training, frozen BatchNorms as ``frozen_bn_train_mode`` says), whatever a builder left.
@@ -240,7 +250,23 @@ class FcddModel(nn.Module):
             "(image_score='max'), as such a model was trained. Retrain for the memory's image score."
         )
         self.memory = None
+        self.map_fusion = None
         self.image_score = "max"
+
+    def _map_without_saved_spreads(self, module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+        """``load_state_dict`` pre-hook: a checkpoint saved without the fused map's spreads (trained before
+        ``fused_map``, or without it) draws the heads' map, as it was trained to, instead of failing on the missing
+        key. A memory it does not carry either is not needed for the map then."""
+        del module, args
+        if self.map_fusion is None or prefix + "map_fusion.spreads" in state_dict:
+            return
+        logger.warning(
+            "FCDD: the loaded weights hold no spreads for the fused map; the map is the heads' alone "
+            "(fused_map=False), as such a model was trained. Retrain for the map of heads and memory."
+        )
+        self.map_fusion = None
+        if self.image_score != "memory":
+            self.memory = None
 
     def require_weights(self) -> None:
         """Raise the deferred :class:`WeightsError` when pretrained weights were asked for but never came."""
@@ -297,13 +323,32 @@ class FcddModel(nn.Module):
             return self.training_output(images)
         features = self.backbone_features(images)
         low_res = self.map_of_features(features)
-        anomaly_map = self.map_upsampler(low_res, images.shape[-2:])
-        if self.memory is not None:
-            distances = self.upsampler(self.memory.distance_map(features), images.shape[-2:])
-            return InferenceBatch(pred_score=distances.amax(dim=(1, 2, 3)), anomaly_map=anomaly_map)
+        distances = self.memory.distance_map(features) if self.memory is not None else None
+        fused = self.map_fusion(low_res, distances) if self.map_fusion is not None and distances is not None else None
+        anomaly_map = self.map_upsampler(low_res if fused is None else fused, images.shape[-2:])
+        if self.image_score == "memory" and distances is not None:
+            upsampled = self.upsampler(distances, images.shape[-2:])
+            return InferenceBatch(pred_score=upsampled.amax(dim=(1, 2, 3)), anomaly_map=anomaly_map)
         if self.image_score == "max":
             return InferenceBatch(pred_score=anomaly_map.amax(dim=(1, 2, 3)), anomaly_map=anomaly_map)
         return InferenceBatch(pred_score=low_res.mean(dim=(1, 2, 3)), anomaly_map=anomaly_map)
+
+    @torch.no_grad()
+    def calibrate_map(self, sample: CalibrationSample) -> None:
+        """Measure the fused map's spreads on normal training positions (``fused_map`` only): the heads' scores
+        of ``sample.features`` and the memory's distances of ``sample.memory_features``, one vector at a time (the
+        heads are 1 x 1 convolutions, so a vector scores as it does inside a map)."""
+        if self.map_fusion is None or self.memory is None:
+            return
+        was_training = self.training
+        self.eval()
+        try:
+            vectors = sample.features.to(next(self.head.parameters()).device)
+            heads_scores = self.map_of_features(vectors[:, :, None, None].float())
+            distances = self.memory.distances(sample.memory_features.to(vectors.device))
+        finally:
+            self.train(was_training)
+        self.map_fusion.calibrate(heads_scores.flatten(), distances)
 
     def training_output(self, images: torch.Tensor) -> FcddTrainOutput:
         """Maps of a training batch and, with ``feature_noise``, of its noisy feature copies: one channel per head.

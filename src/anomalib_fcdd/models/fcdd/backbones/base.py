@@ -66,6 +66,9 @@ class TrainingDefaults:
     #: The output map upsampled as a weighted mean instead of the reference's Gaussian-weighted sum, which fades
     #: towards the image's border (``ReceptiveFieldUpsampler(normalized=True)``); training keeps the reference's.
     normalized_map: bool = False
+    #: The output map adds the memory's distances to the heads' scores, each divided by its spread over normal
+    #: training positions (:mod:`..map_fusion`); the heads' scores alone in the paper.
+    fused_map: bool = False
     frozen_bn_train_mode: bool = True
     #: What fills the confetti blobs (``anomaly_generator.FILLS``): the paper's flat colours by default.
     anomaly_fill: str = "colour"
