@@ -264,6 +264,7 @@ def test_docs_table_of_training_defaults_matches_the_code() -> None:
         assert row["image score"] == score, (name, row["image score"])
         output_map = "Gaussian-weighted mean" if defaults.normalized_map else "Gaussian sum"
         assert row["output map"].startswith(output_map), (name, row["output map"])
+        assert ("`fused_map`" in row["output map"]) == defaults.fused_map, (name, row["output map"])
         assert row["anomaly fill"].startswith(defaults.anomaly_fill), (name, row["anomaly fill"])
         noise = "none" if defaults.feature_noise == 0 else f"σ = {defaults.feature_noise:g}"
         assert row["feature noise"].startswith(noise), (name, row["feature noise"])

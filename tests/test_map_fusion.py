@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +63,7 @@ def trained(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> F
         pre_trained=False, memory_size=100, memory_dim=8, image_size=64, epochs=2, passes_per_epoch=1, visualizer=False
     )
     calls = []
-    original = model.model.calibrate_map
-    model.model.calibrate_map = lambda sample: (calls.append(model.trainer.global_step), original(sample))
+    original = FcddModel.calibrate_map
     engine = Engine(
         default_root_dir=tmp_path_factory.mktemp("fusion_run"),
         logger=False,
@@ -71,7 +71,13 @@ def trained(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> F
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    engine.fit(model, datamodule=datamodule)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            FcddModel,
+            "calibrate_map",
+            lambda net, sample: (calls.append(model.trainer.global_step), original(net, sample)),
+        )
+        engine.fit(model, datamodule=datamodule)
     model.calibrations = calls
     return model.eval()
 
@@ -149,3 +155,12 @@ def test_checkpoint_and_openvino_export_draw_the_fused_map(trained: FcddHsc, tmp
     outputs = {output.any_name: result[output] for output in compiled.outputs}
     np.testing.assert_allclose(outputs["anomaly_map"], eager.anomaly_map.numpy(), rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(outputs["pred_score"].reshape(-1), eager.pred_score.numpy().reshape(-1), atol=1e-4)
+
+
+def test_a_pickled_model_leaves_the_calibration_sample_behind(trained: FcddHsc) -> None:
+    # Engine.export(..., "torch") pickles the module: the 10,000 training positions would triple the artefact.
+    assert trained._calibration is not None
+    restored = pickle.loads(pickle.dumps(trained))
+    assert restored._calibration is None
+    torch.testing.assert_close(restored.model.map_fusion.spreads, trained.model.map_fusion.spreads)
+    assert restored.model.map_fusion.ready

@@ -692,6 +692,13 @@ class FcddHsc(AnomalibModule):
             self.passes_per_epoch,
         )
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle (``Engine.export(..., "torch")``, ``torch.save`` of the module) without the fused map's calibration
+        sample: 10,000 training positions (15 MB) that only a later fit would use, and that it draws again."""
+        state = super().__getstate__()
+        state["_calibration"] = None
+        return state
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the pre-processor (anomalib) and take the input size it was trained at."""
         super().on_load_checkpoint(checkpoint)

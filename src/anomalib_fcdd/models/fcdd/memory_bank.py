@@ -3,11 +3,12 @@
 Not in the paper. FCDD's heads draw good maps, but they sort whole images less well than a nearest-neighbour
 memory on the *same* frozen features: the images they rank too high carry rare normal content (highlights, stains, a
 tile's edge) that a loss pulling the bulk of the normal features to the centre does not keep, and a memory selected
-to cover the feature space does (``benchmarks/results/gap_diagnosis.md``). With this score the pixel map stays
-FCDD's; only ``pred_score`` comes from the memory.
+to cover the feature space does (``benchmarks/results/gap_diagnosis.md``). The image score ``pred_score`` comes from
+the memory alone; the map is FCDD's, or with ``fused_map`` the heads' scores and the memory's distances added, each
+over its spread (:mod:`.map_fusion`).
 
 Built when training ends, before the first validation (``FcddHsc._build_memory``; again only if training changes
-the backbone's features), from the clean normal training images:
+the backbone's features), from the clean normal training images, decoded and resized once as test images are:
 
 1. ``PositionPool``: at most :data:`POOL_SIZE` feature vectors, the same number of random positions from every
    image, so memory stays bounded however large the training set. What it pools is what the memory compares
