@@ -544,8 +544,9 @@ class FcddHsc(AnomalibModule):
         ``as_tested``: decode the images straight to the evaluation size, as the test images are, instead of to the
         larger training size (then resized again): a copy of the dataset whose augmentations end in the evaluation
         resize (:meth:`~.pre_processing.FcddPreProcessor.evaluation_augmentations`). Its items are decoded anew,
-        since the kept training items are the training size's. Resizing twice cost Magnetic-Tile's memory 0.5 points
-        of image AUROC (offline ``ANALYSIS.md``)."""
+        since the kept training items are the training size's. The memory then compares test images with training
+        images prepared the same way (over three pool draws, resizing twice had cost Magnetic-Tile 0.5 points of image
+        AUROC; in the benchmark's own draw the change moved it by -0.3, offline ``ANALYSIS.md``)."""
         datamodule = self.trainer.datamodule
         dataset = getattr(datamodule, "train_data", None)
         if dataset is None:
