@@ -40,6 +40,7 @@ from anomalib.data import ImageBatch
 
 from anomalib_fcdd import FcddHsc
 from anomalib_fcdd.models.fcdd.acceleration import native_bf16_cpu_flags, resolve_precision
+from anomalib_fcdd.models.fcdd.map_fusion import CalibrationSample
 from benchmarks.jobs import resolve_mvtec_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,15 +84,24 @@ def append_section(path: Path, title: str, section: str) -> None:
 
 
 def stand_in_memory(model: FcddHsc, pool: int = 5000) -> FcddHsc:
-    """Give an untrained model's image-score memory (``image_score="memory"``, the default) random vectors of its
-    full size, so timings include its distances; a trained model builds it from the training images instead."""
-    memory = model.model.memory
+    """Give an untrained model's memory (``image_score="memory"`` and ``fused_map``, the defaults) random vectors of
+    its full size, and the fused map spreads measured on random vectors, so timings include its distances and the
+    fused map; a trained model builds both from the training images instead."""
+    net = model.model
+    memory = net.memory
     if memory is not None and not memory.ready:
-        training = model.model.training
+        training = net.training
         with torch.no_grad():
-            width = memory.memory_features(model.model.eval().backbone_features(torch.zeros(1, 3, 64, 64))).shape[1]
-        model.model.train(training)
-        memory.fit(torch.randn(max(pool, memory.size), width, generator=torch.Generator().manual_seed(0)))
+            features = net.eval().backbone_features(torch.zeros(1, 3, 64, 64))
+            width = memory.memory_features(features).shape[1]
+        net.train(training)
+        generator = torch.Generator().manual_seed(0)
+        memory.fit(torch.randn(max(pool, memory.size), width, generator=generator))
+        if net.map_fusion is not None:
+            sample = CalibrationSample(
+                torch.randn(pool, features.shape[1], generator=generator), torch.randn(pool, width, generator=generator)
+            )
+            net.calibrate_map(sample)
     return model
 
 

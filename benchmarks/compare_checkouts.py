@@ -33,6 +33,9 @@ if memory is not None and not memory.ready:  # an image-score memory (since 2026
     with torch.no_grad():
         width = read(model.model.eval().backbone_features(torch.zeros(1, 3, 64, 64))).shape[1]
     memory.fit(torch.randn(max(5000, memory.size), width, generator=torch.Generator().manual_seed(0)))
+fusion = getattr(model.model, "map_fusion", None)
+if fusion is not None and not fusion.ready:  # the fused map's spreads (since 2026-12-07): stand-ins of 1
+    fusion.calibrate(torch.tensor([0.0, 2.0]), torch.tensor([0.0, 2.0]))
 bf16 = model.trainer_arguments["precision"] == "bf16-mixed"
 generator = torch.Generator().manual_seed(0)
 train_images = torch.rand(batch, 3, 240, 240, generator=generator)

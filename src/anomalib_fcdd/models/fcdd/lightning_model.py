@@ -206,7 +206,7 @@ class FcddHsc(AnomalibModule):
             is the mean of theirs (:class:`~.torch_model.FcddModel`). Averaging evens out the start each one depends on.
         image_score: ``mean`` of the low-resolution map (the reference's), ``max`` of the upsampled map, or
             ``memory``: the peak of the upsampled distances to a small memory of normal feature vectors, built from
-            the clean training images when training ends (:mod:`.memory_bank`; the map stays FCDD's).
+            the clean training images when training ends (:mod:`.memory_bank`; the map is FCDD's unless ``fused_map``).
         memory_size: vectors the memory keeps (greedy k-centre coreset; ``image_score="memory"`` only).
         memory_dim: PCA dimensions each memory vector is stored in (at most the channels it compares).
         memory_neighbourhood: compare feature vectors averaged over ``k x k`` neighbours (PatchCore's locally aware
