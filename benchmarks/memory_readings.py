@@ -133,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     datamodule = MVTec(root=args.mvtec_root, category=args.category, num_workers=0)
     datamodule.setup()
     model = FcddHsc(visualizer=False).eval()  # the default backbone, frozen: its memory needs no training
+    # Decode every image straight to the model's input size, as the package prepares test images and (since
+    # 2026-12-07) the memory's training images. Without it, anomalib's collate resizes the images of a batch to the
+    # largest among them first, so data whose images differ in size (Magnetic-Tile) were resized twice, by a factor
+    # that depended on the batch.
+    for dataset in (datamodule.train_data, datamodule.test_data):
+        dataset.augmentations = model.pre_processor.transform
     memories = build_memories(model, datamodule.train_data, args.readings, args.pool_seeds, args.batch_size)
     scores, labels = image_scores(model, datamodule.test_data, memories, args.batch_size)
     aurocs = {key: float(roc_auc_score(labels, values)) for key, values in scores.items()}

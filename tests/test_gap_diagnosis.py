@@ -159,6 +159,36 @@ def test_memory_readings_scores_every_reading_and_draw(synthetic_root: Path, tmp
         assert float(row[5]) == pytest.approx(max(draws) - min(draws), abs=1e-3)
 
 
+def test_memory_readings_decodes_images_of_any_size_straight_to_the_input_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # anomalib's collate would resize a batch's images to the largest among them before the model resizes them
+    from benchmarks import memory_readings
+    from PIL import Image
+    from torchvision.transforms.v2.functional import InterpolationMode, resize
+
+    from anomalib_fcdd.data import make_synthetic_mvtec
+    from anomalib_fcdd.data.decode import decode_image_tensor
+
+    make_synthetic_mvtec(tmp_path, "sizes", n_train=4, n_test_good=2, n_test_defect=2, size=128, seed=0)
+    odd = sorted((tmp_path / "sizes" / "train" / "good").glob("*.png"))[1]
+    with Image.open(odd) as image:
+        image.resize((96, 160)).save(odd)
+    seen = {}
+    original = memory_readings.build_memories
+
+    def recording(model: object, dataset: object, *args: object) -> object:
+        seen.update({str(dataset[i].image_path): dataset[i].image for i in range(len(dataset))})
+        return original(model, dataset, *args)
+
+    monkeypatch.setattr(memory_readings, "build_memories", recording)
+    arguments = ["--mvtec-root", str(tmp_path), "--category", "sizes", "--output", str(tmp_path / "readings.md")]
+    assert memory_readings.main([*arguments, "--readings", "20x4x3", "--pool-seeds", "0"]) == 0
+    assert {tuple(image.shape) for image in seen.values()} == {(3, 224, 224)}
+    expected = resize(decode_image_tensor(odd), [224, 224], InterpolationMode.NEAREST)
+    torch.testing.assert_close(seen[str(odd)], expected)
+
+
 def test_memory_readings_names_a_missing_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from benchmarks import memory_readings
 
