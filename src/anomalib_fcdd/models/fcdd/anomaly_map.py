@@ -131,20 +131,21 @@ class ReceptiveFieldUpsampler(nn.Module):
             rows = self.upsampling_matrix(low_res.shape[-2], output_size[0], low_res.device)
             columns = self.upsampling_matrix(low_res.shape[-1], output_size[1], low_res.device)
             return rows.to(low_res.dtype) @ low_res @ columns.T.to(low_res.dtype)
+        summed = self._transposed_sum(low_res, output_size)
+        if self.normalized:  # divided by the mass each pixel receives: the same sum of a map of ones
+            return summed / self._transposed_sum(torch.ones_like(low_res[:1]), output_size)
+        return summed
+
+    def _transposed_sum(self, low_res: torch.Tensor, output_size: tuple[int, int] | torch.Size) -> torch.Tensor:
+        """The reference's Gaussian-weighted sum as one 2-D transposed convolution, cropped to ``output_size``."""
         stride = self.receptive_field.stride
         full = F.conv_transpose2d(low_res, self.kernel.to(dtype=low_res.dtype), stride=stride)
-        height, width = output_size[0], output_size[1]
         # A spare stride of zeros on the bottom/right covers input sizes that are not a multiple of the stride:
         # pixels past the last low-resolution centre get no mass from outside the image, as with the reference's
         # output_padding.
         full = F.pad(full, (0, stride, 0, stride))
         start = self.crop_start
-        out = full[:, :, start : start + height, start : start + width]
-        if self.normalized:
-            ones = torch.ones_like(low_res[:1])
-            mass = F.pad(F.conv_transpose2d(ones, self.kernel.to(dtype=low_res.dtype), stride=stride), (0, stride) * 2)
-            out = out / mass[:, :, start : start + height, start : start + width]
-        return out
+        return full[:, :, start : start + output_size[0], start : start + output_size[1]]
 
     def upsampling_matrix(self, low: int, high: int, device: torch.device) -> torch.Tensor:
         """``high x low`` matrix of one axis: ``U[y, i] = g[y + c - j i]``, 0 where that is outside the window; with
