@@ -108,8 +108,10 @@ def test_the_map_adds_the_scaled_heads_scores_and_memory_distances(trained: Fcdd
         output = net(images)
         features = net.backbone_features(images)
         heads = net.map_of_features(features)
+        # the default reading: the stride-8 and deepest stages, each vector averaged over its 5 x 5 neighbours,
+        # zeros past the border counted
         compared = torch.nn.functional.avg_pool2d(
-            torch.cat([features[:, :40], features[:, 120:]], dim=1), 3, stride=1, padding=1
+            torch.cat([features[:, :40], features[:, 120:]], dim=1), 5, stride=1, padding=2
         )
         vectors = (compared.flatten(2).transpose(1, 2) - net.memory.mean) @ net.memory.basis
         nearest = torch.cdist(vectors, net.memory.vectors[None].expand(2, -1, -1)).amin(-1).view(2, 1, 8, 8)

@@ -31,15 +31,16 @@ from anomalib_fcdd.models.fcdd.memory_bank import (
 )
 
 
-def average_over_neighbours(features: torch.Tensor, zero_padded: bool = True) -> torch.Tensor:
-    """Each position's 3 x 3 window, one position at a time: its sum over the part inside the grid divided by 9 (zeros
-    outside) or by the number of positions inside."""
+def average_over_neighbours(features: torch.Tensor, zero_padded: bool = True, size: int = 3) -> torch.Tensor:
+    """Each position's ``size`` x ``size`` window, one position at a time: its sum over the part inside the grid
+    divided by ``size ** 2`` (zeros outside) or by the number of positions inside."""
     height, width = features.shape[-2:]
+    reach = size // 2
     averaged = torch.zeros_like(features)
     for row in range(height):
         for col in range(width):
-            window = features[:, :, max(0, row - 1) : row + 2, max(0, col - 1) : col + 2]
-            count = 9 if zero_padded else window.shape[2] * window.shape[3]
+            window = features[:, :, max(0, row - reach) : row + reach + 1, max(0, col - reach) : col + reach + 1]
+            count = size * size if zero_padded else window.shape[2] * window.shape[3]
             averaged[:, :, row, col] = window.sum(dim=(2, 3)) / count
     return averaged
 
@@ -172,9 +173,9 @@ def test_training_builds_the_memory_from_the_normal_training_images(trained: tup
     model, _ = trained
     memory = model.model.memory
     # 16 training images of 8 x 8 positions at 64 px: 1,024 candidates, 300 kept, 16 PCA dimensions of the 40 + 112
-    # channels of the stride-8 and deepest stages, averaged over 3 x 3 neighbours with zeros past the border (the
+    # channels of the stride-8 and deepest stages, averaged over 5 x 5 neighbours with zeros past the border (the
     # multi-scale backbone's defaults)
-    assert (memory.channels, memory.neighbourhood, memory.zero_padded) == (((0, 40), (120, 232)), 3, True)
+    assert (memory.channels, memory.neighbourhood, memory.zero_padded) == (((0, 40), (120, 232)), 5, True)
     assert memory.vectors.shape == (300, 16) and memory.basis.shape == (152, 16) and memory.mean.shape == (152,)
     torch.testing.assert_close(memory.basis.T @ memory.basis, torch.eye(16), atol=1e-4, rtol=0)
 
@@ -186,7 +187,7 @@ def test_image_score_is_the_peak_of_the_upsampled_memory_distances(trained: tupl
     with torch.no_grad():
         output = net(images)
         features = net.backbone_features(images)
-        compared = average_over_neighbours(torch.cat([features[:, :40], features[:, 120:]], dim=1))
+        compared = average_over_neighbours(torch.cat([features[:, :40], features[:, 120:]], dim=1), size=5)
         vectors = (compared.flatten(2).transpose(1, 2) - net.memory.mean) @ net.memory.basis
         nearest = torch.cdist(vectors, net.memory.vectors[None].expand(2, -1, -1)).amin(-1).view(2, 1, 8, 8)
         expected = net.upsampler(nearest, (64, 64)).amax(dim=(1, 2, 3))
@@ -322,7 +323,7 @@ def test_the_multiscale_memory_reads_the_stride_8_and_deepest_stages() -> None:
     assert widths == [40, 80, 112] and built.memory_channels == ((0, 40), (40 + 80, 40 + 80 + 112))
     assert build_backbone("efficientnet_lite0", pre_trained=False).memory_channels == ()  # one stage: all of it
     default = FcddHsc(pre_trained=False).model.memory
-    assert (default.channels, default.neighbourhood, default.zero_padded) == (((0, 40), (120, 232)), 3, True)
+    assert (default.channels, default.neighbourhood, default.zero_padded) == (((0, 40), (120, 232)), 5, True)
     assert FcddHsc(pre_trained=False, memory_neighbourhood=1).model.memory.neighbourhood == 1
 
 
