@@ -210,7 +210,7 @@ class FcddHsc(AnomalibModule):
         memory_size: vectors the memory keeps (greedy k-centre coreset; ``image_score="memory"`` only).
         memory_dim: PCA dimensions each memory vector is stored in (at most the channels it compares).
         memory_neighbourhood: compare feature vectors averaged over ``k x k`` neighbours (PatchCore's locally aware
-            features; odd ``k``) instead of the vectors themselves (1). Default: the backbone's (3 for
+            features; odd ``k``) instead of the vectors themselves (1). Default: the backbone's (5 for
             ``efficientnet_lite0_multiscale``, whose memory also reads only its stride-8 and deepest stages).
         normalized_map: upsample the output map as a weighted mean of the low-resolution scores instead of the
             reference's Gaussian sum, whose mass fades towards the image's border (:class:`~.torch_model.FcddModel`);

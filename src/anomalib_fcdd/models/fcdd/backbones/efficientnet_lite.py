@@ -209,8 +209,8 @@ MULTISCALE_STAGES = (2, 3, 4)
 LITE0_STAGE_CHANNELS = (16, 24, 40, 80, 112, 192, 320)
 #: Stages the image-score memory compares: the stride-8 and the deepest, the pair PatchCore reads from this network in
 #: the benchmarks. With 3 x 3 averaging they sorted Magnetic-Tile's images 2.6 points better than single vectors of
-#: all three stages, as well on bottle and brick, and the demo textures within the pool draws' spread
-#: (``benchmarks/results/memory_readings.md``).
+#: all three stages, as well on bottle and brick, and the demo textures within the pool draws' spread; the default
+#: averages over 5 x 5 (``benchmarks/results/memory_readings.md``).
 MEMORY_STAGES = (2, 4)
 
 
