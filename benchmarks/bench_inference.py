@@ -15,7 +15,11 @@ fitted for one pass on 8 images (enough for thresholds); PaDiM and PatchCore are
 images, because PatchCore's memory bank -- and so its speed and size -- grows with them. Results go to
 ``benchmarks/README.md`` (section "Inference"; ``--json`` also writes the raw numbers).
 
-    .venv/bin/python benchmarks/bench_inference.py [--models ...] [--seconds 3] [--train-images 209]
+Every row is timed in ``--rounds`` rounds that visit the rows in alternating order (forward, then backward), so that
+a machine that speeds up or slows down during the run touches every row alike; a row's figure is its median over the
+rounds, with the range beside it. Ratios between rows (the goal lines) are taken within each round, then summarised.
+
+    .venv/bin/python benchmarks/bench_inference.py [--models ...] [--seconds 3] [--rounds 5] [--train-images 209]
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +59,17 @@ DEFAULT_MODELS = (
 #: Models whose anomalib export has a fixed batch dimension (see :func:`export_openvino`).
 STATIC_BATCH_MODELS = {"patchcore", "patchcore_wrn50"}
 ARGS = argparse.Namespace(
-    seconds=2.0, batch_sizes=[1, 16], input_size=224, category="bottle", ov_default_precision="f32"
+    seconds=2.0,
+    rounds=3,
+    coreset_ratio=0.1,
+    batch_sizes=[1, 16],
+    input_size=224,
+    category="bottle",
+    ov_default_precision="f32",
 )
+#: The package's default model and the throughput goal it is held to against PatchCore (issue 16).
+DEFAULT_FCDD = "fcdd_efficientnet_lite0_multiscale"
+THROUGHPUT_GOAL = 2.0
 
 logger = logging.getLogger("bench_inference")
 
@@ -69,8 +82,20 @@ class Row:
     runtime: str
     artefact: str
     size_mb: float | None
-    throughput: dict[int, float]  # batch size -> images/s
+    throughput: dict[int, float]  # batch size -> images/s, median over the rounds
     latency_ms: float | None  # median batch-1 latency
+    rounds: dict[int, list[float]] = field(default_factory=dict)  # batch size -> images/s of each round, in order
+
+
+@dataclass
+class Candidate:
+    """A (model, runtime) pair ready to time: one callable per batch size."""
+
+    model: str
+    runtime: str
+    artefact: str
+    size_mb: float | None
+    runners: dict[int, Callable[[np.ndarray], Any]]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -144,8 +169,10 @@ def build_model(name: str, input_size: int) -> Any:
             epochs=1,
             passes_per_epoch=1,
         )
-    if name in {"padim", "patchcore"}:
+    if name == "padim":
         return build_baseline(name, image_size=input_size)
+    if name == "patchcore":
+        return build_baseline(name, image_size=input_size, coreset_sampling_ratio=ARGS.coreset_ratio)
     if name == "patchcore_wrn50":  # anomalib's default backbone; random weights (timing only, no offline weights)
         from anomalib.models import Patchcore
 
@@ -202,17 +229,37 @@ def torch_runner(model: Any, bf16: bool) -> Callable[[np.ndarray], Any]:
     return run
 
 
-def measure_row(
-    model: str, runtime: str, artefact: str, size: float | None, runners: dict[int, Callable], batch: np.ndarray
-) -> Row:
-    """Throughput at each batch size (``runners`` maps batch size to a callable) and batch-1 latency."""
-    throughput, latency = {}, None
-    for batch_size, run in runners.items():
-        images, ms = measure(run, batch[:batch_size], ARGS.seconds)
-        throughput[batch_size] = images
-        latency = ms if batch_size == 1 else latency
-    logger.info("%-24s %-26s %s", model, runtime, {b: round(v, 1) for b, v in throughput.items()})
-    return Row(model, runtime, artefact, size, throughput, latency)
+def measure_rows(candidates: list[Candidate], batch: np.ndarray, rounds: int) -> list[Row]:
+    """Time every candidate at every batch size in ``rounds`` rounds, visiting the candidates forward in even rounds and
+    backward in odd ones (so drift in the machine's speed hits early and late rows alike); median over the rounds."""
+    rates: list[dict[int, list[float]]] = [{size: [] for size in c.runners} for c in candidates]
+    latencies: list[list[float]] = [[] for _ in candidates]
+    for index in range(rounds):
+        order = range(len(candidates)) if index % 2 == 0 else reversed(range(len(candidates)))
+        for position in order:
+            candidate = candidates[position]
+            for batch_size, run in candidate.runners.items():
+                images, ms = measure(run, batch[:batch_size], ARGS.seconds)
+                rates[position][batch_size].append(images)
+                if batch_size == 1:
+                    latencies[position].append(ms)
+        logger.info("round %d of %d timed", index + 1, rounds)
+    rows = []
+    for candidate, rate, latency in zip(candidates, rates, latencies, strict=True):
+        median = {size: float(np.median(values)) for size, values in rate.items()}
+        logger.info("%-24s %-26s %s", candidate.model, candidate.runtime, {b: round(v, 1) for b, v in median.items()})
+        rows.append(
+            Row(
+                candidate.model,
+                candidate.runtime,
+                candidate.artefact,
+                candidate.size_mb,
+                median,
+                float(np.median(latency)) if latency else None,
+                rate,
+            )
+        )
+    return rows
 
 
 def export_openvino(model: Any, name: str, variant: str, root: Path, datamodule: Any) -> dict[int, Any]:
@@ -240,8 +287,8 @@ def export_openvino(model: Any, name: str, variant: str, root: Path, datamodule:
     }
 
 
-def benchmark_model(name: str, data: dict[str, Path], batch: np.ndarray, work: Path) -> list[Row]:
-    """Fit, export and measure one model in every runtime."""
+def prepare_model(name: str, data: dict[str, Path], work: Path) -> list[Candidate]:
+    """Fit and export one model; a candidate for every runtime (timed later, interleaved with the other models')."""
     from anomalib_fcdd.deploy import export_variant
     from anomalib_fcdd.deploy.runtime import OpenVINOModel
 
@@ -252,8 +299,8 @@ def benchmark_model(name: str, data: dict[str, Path], batch: np.ndarray, work: P
     logger.info("%s fitted in %.0f s", name, time.perf_counter() - started)
     export_root = work / name / "export"
     pickled = export_variant(model, "torch", export_root)
-    rows = [
-        measure_row(name, f"torch {kind}", "torch", pickled.size_mb, dict.fromkeys(ARGS.batch_sizes, run), batch)
+    candidates = [
+        Candidate(name, f"torch {kind}", "torch", pickled.size_mb, dict.fromkeys(ARGS.batch_sizes, run))
         for kind, run in (("fp32", torch_runner(model, False)), ("bf16 autocast", torch_runner(model, True)))
     ]
     for variant in OV_VARIANTS:
@@ -268,12 +315,12 @@ def benchmark_model(name: str, data: dict[str, Path], batch: np.ndarray, work: P
             runners = {size: OpenVINOModel(a.path, precision, batch_size=size) for size, a in artefacts.items()}
             executed = next(iter(runners.values())).execution_precision
             label = f"OpenVINO {variant.removeprefix('openvino_').upper()} ({executed})"
-            rows.append(measure_row(name, label, variant, size_mb, runners, batch))
+            candidates.append(Candidate(name, label, variant, size_mb, runners))
         if variant == "openvino_fp16" and name not in STATIC_BATCH_MODELS:  # the same graph with its batch left open
             runners = {size: OpenVINOModel(a.path, "default") for size, a in artefacts.items()}
             label = f"OpenVINO FP16 ({runners[ARGS.batch_sizes[0]].execution_precision}), dynamic batch"
-            rows.append(measure_row(name, label, variant, size_mb, runners, batch))
-    return rows
+            candidates.append(Candidate(name, label, variant, size_mb, runners))
+    return candidates
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -300,9 +347,53 @@ def targets(rows: list[Row], batch_sizes: list[int]) -> list[str]:
     return lines
 
 
+def _round_ratio(row: Row, reference: Row, batch_size: int) -> str:
+    """``median (min-max)`` of ``row``'s throughput over ``reference``'s, taken within each round (both rows timed in
+    the same pass over the machine), with the verdict against :data:`THROUGHPUT_GOAL`."""
+    ratios = [a / b for a, b in zip(row.rounds[batch_size], reference.rounds[batch_size], strict=True)]
+    median = float(np.median(ratios))
+    verdict = "met" if median >= THROUGHPUT_GOAL else "NOT met"
+    return f"{median:.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) {verdict}"
+
+
+def throughput_goal(rows: list[Row], batch_sizes: list[int], model: str = DEFAULT_FCDD) -> list[str]:
+    """Issue 16's goal, a table: each OpenVINO artefact of the default FCDD against PatchCore's artefact of the same
+    kind (same export variant, same executed precision) and against PatchCore's fastest OpenVINO artefact at that
+    batch size, the stricter reading. Goal: at least :data:`THROUGHPUT_GOAL` times the throughput."""
+    patchcore = {r.runtime: r for r in rows if r.model == "patchcore" and r.runtime.startswith("OpenVINO")}
+    fcdd = [r for r in rows if r.model == model and r.runtime.startswith("OpenVINO") and "dynamic" not in r.runtime]
+    if not patchcore or not fcdd:
+        return []
+    lines = [
+        f"| {model} | size (MB) | batch | / PatchCore's same artefact | / PatchCore's fastest |",
+        "|---|---|---|---|---|",
+    ]
+    for batch_size in batch_sizes:
+        fastest = max(patchcore.values(), key=lambda r: r.throughput[batch_size])
+        for row in fcdd:
+            same = patchcore.get(row.runtime)
+            cells = [
+                row.runtime,
+                f"{row.size_mb:.2f}" if row.size_mb is not None else "-",
+                str(batch_size),
+                _round_ratio(row, same, batch_size) if same is not None else "-",
+                f"{_round_ratio(row, fastest, batch_size)} ({fastest.runtime.removeprefix('OpenVINO ')})",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _rate(images_per_second: float) -> str:
     """One decimal, or two significant digits below 1 img/s (so a very slow row does not read as 0.0)."""
     return f"{images_per_second:.1f}" if images_per_second >= 1 else f"{images_per_second:.2g}"
+
+
+def _cell(row: Row, batch_size: int) -> str:
+    """The median rate, with the range over the rounds where there were several."""
+    values = row.rounds.get(batch_size, [])
+    if len(values) < 2:
+        return _rate(row.throughput[batch_size])
+    return f"{_rate(row.throughput[batch_size])} ({_rate(min(values))}-{_rate(max(values))})"
 
 
 def markdown(rows: list[Row], args: Any, info: Any, versions: dict[str, str], command: str, notes: list[str]) -> str:
@@ -321,7 +412,8 @@ def markdown(rows: list[Row], args: Any, info: Any, versions: dict[str, str], co
         f"Whole deployed pipeline (resize, normalisation, network, anomaly map, score normalisation, thresholds) on "
         f"{args.input_size}x{args.input_size} RGB inputs (MVTec-AD {args.category} test images, resized), network "
         f"input {args.input_size}x{args.input_size} for every model. Each figure: images / wall time over at least "
-        f"{args.seconds:g} s after one warm-up call (a call slower than that is timed once); synchronous calls, all "
+        f"{args.seconds:g} s after one warm-up call (a call slower than that is timed once), median (range) over "
+        f"{args.rounds} round(s) that visit the rows in alternating order; synchronous calls, all "
         f"cores (torch: {torch.get_num_threads()} threads). Size = files of the artefact on disk (torch: the pickled "
         "module). OpenVINO rows name the precision the CPU plugin executed in. anomalib's PatchCore export fixes the "
         "batch dimension, so PatchCore gets one static-shape artefact per batch size.",
@@ -331,10 +423,18 @@ def markdown(rows: list[Row], args: Any, info: Any, versions: dict[str, str], co
     ]
     for row in rows:
         cells = [row.model, row.runtime, row.artefact, f"{row.size_mb:.2f}" if row.size_mb is not None else "-"]
-        cells += [_rate(row.throughput[b]) for b in batch_sizes]
+        cells += [_cell(row, b) for b in batch_sizes]
         cells.append(f"{row.latency_ms:.1f}" if row.latency_ms is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Targets (issue 6):", "", *(targets(rows, batch_sizes) or ["- no PatchCore/FCDD pair measured"])]
+    goal = throughput_goal(rows, batch_sizes) or [f"- {DEFAULT_FCDD} or patchcore not measured"]
+    lines += [
+        "",
+        f"Throughput goal (issue 16: at least {THROUGHPUT_GOAL:g}x PatchCore's; ratios taken within each round, "
+        "median (range)):",
+        "",
+        *goal,
+    ]
     if notes:
         lines += ["", "Notes:", "", *[f"- {note}" for note in notes]]
     return "\n".join(lines) + "\n"
@@ -368,7 +468,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--seconds", type=float, default=2.0, help="minimum timed seconds per measurement")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds over all rows, in alternating order (median and range reported)"
+    )
     parser.add_argument("--train-images", type=int, default=16, help="training images for PaDiM/PatchCore")
+    parser.add_argument(
+        "--coreset-ratio",
+        type=float,
+        default=0.1,
+        help="PatchCore's coreset sampling ratio (the offline accuracy benchmark fits the full training set at 0.01)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers as JSON here")
     parser.add_argument("--note", action="append", default=[], help="extra note for the README section")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep exports here (default: a temp folder)")
@@ -427,21 +536,21 @@ def main(argv: list[str] | None = None) -> None:
     source = source if (source / "train").is_dir() else None
     notes = [] if source else [f"MVTec-AD {args.category} not found under {args.mvtec_root}: generated images used."]
     started, load_before = time.perf_counter(), os.getloadavg()[0]
-    rows: list[Row] = []
     with work_folder(args.work_dir) as work:
         data = {
             "fcdd": prepare_data(source, work / "data_fcdd", args.category, 8).parent,
             "full": prepare_data(source, work / "data_full", args.category, args.train_images).parent,
         }
         batch = input_batch(source, args.input_size, max(args.batch_sizes))
-        for name in args.models:
-            rows += benchmark_model(name, data, batch, work)
+        candidates = [candidate for name in args.models for candidate in prepare_model(name, data, work)]
+        rows = measure_rows(candidates, batch, args.rounds)
     notes += precision_notes()
     notes.append(
         "PaDiM and PatchCore use EfficientNet-Lite0 features (anomalib_fcdd.baselines, offline ImageNet weights), "
-        f"fitted on {args.train_images} training images (PatchCore coreset ratio 0.1, so a memory bank of about "
-        f"{args.train_images * (args.input_size // 8) ** 2 // 10} patches; the full training set would give a larger, "
-        "slower PatchCore). FCDD is fitted for one pass on 8 images: its speed and size do not depend on training."
+        f"fitted on {args.train_images} training images (PatchCore coreset ratio {args.coreset_ratio:g}, so a memory "
+        f"bank of about {int(args.train_images * (args.input_size // 8) ** 2 * args.coreset_ratio)} patches; "
+        "PatchCore's speed falls as its memory bank grows). FCDD is fitted for one pass on 8 images: its memory has a "
+        "fixed size, so its speed and size do not depend on training."
     )
     notes.append(
         f"Whole run: {time.perf_counter() - started:.0f} s; 1-minute load average {load_before:.1f} at the start and "

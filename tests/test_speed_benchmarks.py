@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,49 @@ def test_openvino_batch_variants_fix_what_they_say(tmp_path: Path) -> None:
     for request in requests.values():
         assert float(np.asarray(request.infer({0: images})[0]).max()) == 0.0  # relu of -1
     assert bench_openvino_batch.throughput(fixed, images, seconds=0.05) > 0
+
+
+def test_inference_rounds_alternate_the_order_and_report_the_median() -> None:
+    import numpy as np
+    from benchmarks import bench_inference
+
+    visits: list[str] = []
+
+    def runner(name: str) -> Callable[[object], None]:  # a stand-in for a compiled model
+        return lambda batch: visits.append(name)
+
+    candidates = [bench_inference.Candidate(name, "rt", "a", 1.0, {1: runner(name)}) for name in ("first", "second")]
+    old = bench_inference.ARGS.seconds
+    bench_inference.ARGS.seconds = 0.0  # one warm-up and one timed call per measurement
+    try:
+        rows = bench_inference.measure_rows(candidates, np.zeros((1, 3, 2, 2), np.float32), rounds=3)
+    finally:
+        bench_inference.ARGS.seconds = old
+    # Each measurement is a warm-up and a timed call; rounds go forward, backward, forward.
+    assert visits == ["first"] * 2 + ["second"] * 4 + ["first"] * 4 + ["second"] * 2
+    for row in rows:
+        assert len(row.rounds[1]) == 3
+        assert row.throughput[1] == sorted(row.rounds[1])[1]  # the median of three
+
+
+def test_throughput_goal_takes_ratios_within_rounds_against_the_same_and_the_fastest_patchcore() -> None:
+    from benchmarks.bench_inference import DEFAULT_FCDD, Row, throughput_goal
+
+    def row(model: str, runtime: str, rounds: list[float]) -> Row:
+        return Row(model, runtime, "a", 1.5, {1: sorted(rounds)[1]}, None, {1: rounds})
+
+    rows = [
+        row("patchcore", "OpenVINO FP16 (bf16)", [100.0, 50.0, 100.0]),  # median 100
+        row("patchcore", "OpenVINO INT8_PTQ (bf16)", [120.0, 60.0, 110.0]),  # median 110: the fastest
+        row("patchcore", "torch fp32", [900.0, 900.0, 900.0]),  # not an OpenVINO row: ignored
+        row(DEFAULT_FCDD, "OpenVINO INT8 (bf16)", [240.0, 150.0, 198.0]),  # no PatchCore INT8 row
+        row(DEFAULT_FCDD, "OpenVINO FP16 (bf16)", [180.0, 90.0, 220.0]),
+        row(DEFAULT_FCDD, "OpenVINO FP16 (bf16), dynamic batch", [1.0, 1.0, 1.0]),  # left out
+    ]
+    header, rule, int8, fp16 = throughput_goal(rows, [1])
+    assert header.startswith(f"| {DEFAULT_FCDD} |") and rule.startswith("|---|")
+    # INT8 / fastest (INT8_PTQ), round by round: 240/120 = 2.0, 150/60 = 2.5, 198/110 = 1.8.
+    assert int8 == "| OpenVINO INT8 (bf16) | 1.50 | 1 | - | 2.00x (1.80-2.50) met (INT8_PTQ (bf16)) |"
+    # FP16 / PatchCore's FP16: 1.8, 1.8, 2.2; FP16 / the fastest: 1.5, 1.5, 2.0.
+    same, fastest = "1.80x (1.80-2.20) NOT met", "1.50x (1.50-2.00) NOT met (INT8_PTQ (bf16))"
+    assert fp16 == f"| OpenVINO FP16 (bf16) | 1.50 | 1 | {same} | {fastest} |"
