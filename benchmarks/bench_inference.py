@@ -12,12 +12,13 @@ Models (``--models``): FCDD (``FcddHsc``) on the paper's VGG-11-BN, on Efficient
 multi-scale EfficientNet-Lite0, and PaDiM and PatchCore built by ``anomalib_fcdd.baselines`` (EfficientNet-Lite0 with
 offline ImageNet weights), all with a 224 x 224 network input. FCDD's weights do not change its speed, so it is
 fitted for one pass on 8 images (enough for thresholds); PaDiM and PatchCore are fitted on ``--train-images`` training
-images, because PatchCore's memory bank -- and so its speed and size -- grows with them. Results go to
+images, because PatchCore's memory bank -- and so its speed and size -- grows with them and with ``--coreset-ratio``
+(the offline accuracy benchmark's PatchCore: the full training set, 209 images on bottle, at 0.01). Results go to
 ``benchmarks/README.md`` (section "Inference"; ``--json`` also writes the raw numbers).
 
 Every row is timed in ``--rounds`` rounds that visit the rows in alternating order (forward, then backward), so that
 a machine that speeds up or slows down during the run touches every row alike; a row's figure is its median over the
-rounds, with the range beside it. Ratios between rows (the goal lines) are taken within each round, then summarised.
+rounds, with the range beside it. Ratios between rows (the goal table) are taken within each round, then summarised.
 
     .venv/bin/python benchmarks/bench_inference.py [--models ...] [--seconds 3] [--rounds 5] [--train-images 209]
 """
