@@ -186,3 +186,44 @@ def test_the_multiscale_default_normalizes_its_map_and_the_papers_backbones_do_n
     paper = FcddHsc(backbone="vgg11_bn", pre_trained=False, minmax="bottle").model
     assert paper.map_upsampler is paper.upsampler and not paper.upsampler.normalized
     assert not FcddHsc(pre_trained=False, normalized_map=False).model.map_upsampler.normalized
+
+
+def test_the_multiscale_default_upsamples_its_map_with_sigma_8_and_trains_with_the_papers_12() -> None:
+    from anomalib_fcdd.models.fcdd.anomaly_map import gaussian_window
+
+    model = FcddHsc(pre_trained=False).model
+    assert model.upsampler.std == 12.0 and model.map_upsampler.std == 8.0
+    # The map's kernel is exp(-k^2 / (2 * 8^2)) over 2 * ceil(4 * 8) + 1 = 65 taps (by hand: its ends at k = +-32).
+    assert model.map_upsampler.kernel_size == 65
+    window = gaussian_window(65, 8.0)
+    assert window[0].item() == pytest.approx(math.exp(-0.5 * (32 / 8) ** 2))
+    assert window[32].item() == 1.0
+    paper = FcddHsc(backbone="vgg11_bn", pre_trained=False, minmax="bottle").model
+    assert paper.map_upsampler is paper.upsampler and paper.upsampler.std == 12.0
+    chosen = FcddHsc(pre_trained=False, map_gauss_std=12.0).model
+    assert chosen.map_upsampler.std == 12.0 and chosen.map_upsampler.normalized
+    assert set(chosen.state_dict()) == set(model.state_dict())  # parameter-free: checkpoints keep their keys
+
+
+def test_the_map_width_changes_the_output_map_only() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 64, 64)
+    sharp = FcddHsc(pre_trained=False, minmax="bottle", map_gauss_std=4.0, fused_map=False, image_score="max").model
+    wide = FcddHsc(pre_trained=False, minmax="bottle", map_gauss_std=16.0, fused_map=False, image_score="max").model
+    wide.load_state_dict(sharp.state_dict())
+    sharp.eval(), wide.eval()
+    with torch.no_grad():
+        low_res = sharp.map_of_features(sharp.backbone_features(images))
+        a, b = sharp(images).anomaly_map, wide(images).anomaly_map
+    # Each map is the weighted mean of the same low-resolution scores: sum_j w_ij s_j / sum_j w_ij, within their range.
+    for upsampled in (a, b):
+        assert low_res.min() - 1e-5 <= upsampled.min() and upsampled.max() <= low_res.max() + 1e-5
+    # The sharper Gaussian keeps more of the low-resolution map's spread.
+    assert a.std() > b.std()
+    sharp.train(), wide.train()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        trained_a = sharp(images).anomaly_map
+        torch.manual_seed(1)
+        trained_b = wide(images).anomaly_map
+    torch.testing.assert_close(trained_a, trained_b)  # the loss's maps keep gauss_std

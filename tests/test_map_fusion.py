@@ -15,6 +15,7 @@ from lightning.pytorch import seed_everything
 from anomalib_fcdd import FcddHsc
 from anomalib_fcdd.data import MVTec
 from anomalib_fcdd.models.fcdd import FcddModel
+from anomalib_fcdd.models.fcdd.anomaly_map import ReceptiveFieldUpsampler
 from anomalib_fcdd.models.fcdd.backbones import training_defaults
 from anomalib_fcdd.models.fcdd.map_fusion import CalibrationSample, MapFusion
 
@@ -117,8 +118,10 @@ def test_the_map_adds_the_scaled_heads_scores_and_memory_distances(trained: Fcdd
         nearest = torch.cdist(vectors, net.memory.vectors[None].expand(2, -1, -1)).amin(-1).view(2, 1, 8, 8)
         spread_heads, spread_memory = net.map_fusion.spreads
         fused = heads / spread_heads + nearest / spread_memory
-        # upsampled as a weighted mean (the default normalized_map): the Gaussian sum over the sum of the weights
-        weighted_mean = net.upsampler(fused, (64, 64)) / net.upsampler(torch.ones_like(fused[:1]), (64, 64))
+        # upsampled as a weighted mean (the default normalized_map) of a Gaussian of sigma 8 (the default
+        # map_gauss_std): the Gaussian sum over the sum of the weights
+        sum_of_gaussians = ReceptiveFieldUpsampler(net.upsampler.receptive_field, 8.0)
+        weighted_mean = sum_of_gaussians(fused, (64, 64)) / sum_of_gaussians(torch.ones_like(fused[:1]), (64, 64))
         image_score = net.upsampler(nearest, (64, 64)).amax(dim=(1, 2, 3))
     torch.testing.assert_close(output.anomaly_map, weighted_mean, atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(output.pred_score, image_score, atol=1e-3, rtol=1e-4)

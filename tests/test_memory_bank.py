@@ -19,6 +19,7 @@ from anomalib_fcdd.data import MVTec
 from anomalib_fcdd.data.decode import decode_image_tensor
 from anomalib_fcdd.errors import ConfigurationError
 from anomalib_fcdd.models.fcdd import FcddModel
+from anomalib_fcdd.models.fcdd.anomaly_map import ReceptiveFieldUpsampler
 from anomalib_fcdd.models.fcdd.backbones import build_backbone
 from anomalib_fcdd.models.fcdd.backbones.efficientnet_lite import stage_channel_ranges
 from anomalib_fcdd.models.fcdd.memory_bank import (
@@ -192,8 +193,10 @@ def test_image_score_is_the_peak_of_the_upsampled_memory_distances(trained: tupl
         nearest = torch.cdist(vectors, net.memory.vectors[None].expand(2, -1, -1)).amin(-1).view(2, 1, 8, 8)
         expected = net.upsampler(nearest, (64, 64)).amax(dim=(1, 2, 3))
         low_res = net.low_resolution_map(images)
-        # the map stays FCDD's: its heads' scores upsampled as a weighted mean (the default normalized_map)
-        heads_map = net.upsampler(low_res, (64, 64)) / net.upsampler(torch.ones_like(low_res[:1]), (64, 64))
+        # the map stays FCDD's: its heads' scores upsampled as a weighted mean (the default normalized_map) of a
+        # Gaussian of sigma 8 (the default map_gauss_std); the image score keeps the training loss's sigma 12
+        sum_of_gaussians = ReceptiveFieldUpsampler(net.upsampler.receptive_field, 8.0)
+        heads_map = sum_of_gaussians(low_res, (64, 64)) / sum_of_gaussians(torch.ones_like(low_res[:1]), (64, 64))
     torch.testing.assert_close(output.pred_score, expected, atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(output.anomaly_map, heads_map)
 

@@ -134,6 +134,7 @@ NUMBER_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "passes_per_epoch": (lambda v: v >= 1, "1 or more"),
     "anomaly_probability": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "gauss_std": (lambda v: v > 0, "above 0"),
+    "map_gauss_std": (lambda v: v > 0, "above 0"),
     "feature_noise": (lambda v: v >= 0, "0 (off) or more"),
     "memory_size": (lambda v: isinstance(v, int) and v >= 1, "a whole number of at least 1"),
     "memory_dim": (lambda v: isinstance(v, int) and v >= 1, "a whole number of at least 1"),
@@ -189,7 +190,8 @@ class FcddHsc(AnomalibModule):
 
     ``optimizer``, ``lr``, ``lr_decay``, ``lr_schedule``, ``epochs``, ``passes_per_epoch``, ``frozen_bn_train_mode``,
     ``head``, ``heads``, ``image_score``, ``anomaly_fill``, ``feature_noise``, ``confetti_with_real``,
-    ``memory_neighbourhood``, ``normalized_map`` and ``fused_map`` left unset take the backbone's measured defaults
+    ``memory_neighbourhood``, ``normalized_map``, ``fused_map`` and ``map_gauss_std`` left unset take the backbone's
+    measured defaults
     (``backbones.TRAINING_DEFAULTS``; the paper's recipe for VGG-11-BN and the ResNets), so every backbone trains to
     its best accuracy in a bounded time.
         precision: Lightning precision; ``auto`` = ``bf16-mixed`` where bf16 is native (AMX/AVX512-BF16 CPUs, CUDA
@@ -218,6 +220,9 @@ class FcddHsc(AnomalibModule):
         fused_map: the output map adds the memory's distances to the heads' scores, each divided by its spread over
             normal training positions (:mod:`.map_fusion`); the memory is then built whatever ``image_score`` is.
             Default: the backbone's (on for ``efficientnet_lite0_multiscale``).
+        map_gauss_std: sigma of the output map's Gaussian upsampler; the training loss and the memory's image score
+            keep ``gauss_std``. Default: the backbone's (8 for ``efficientnet_lite0_multiscale``, its grid's stride:
+            sharper maps; ``gauss_std`` for the paper's backbones).
         feature_noise: relative size of the feature-space anomalies scored alongside every training batch (its
             features plus Gaussian noise, :mod:`.feature_anomalies`; not in the paper); 0 turns them off.
         confetti_with_real: with real training anomalies (semi-supervised datamodules), also corrupt the batch's
@@ -265,6 +270,7 @@ class FcddHsc(AnomalibModule):
         memory_neighbourhood: int | None = None,
         normalized_map: bool | None = None,
         fused_map: bool | None = None,
+        map_gauss_std: float | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: Any = True,
         evaluator: Evaluator | bool = True,
@@ -322,6 +328,7 @@ class FcddHsc(AnomalibModule):
             memory_neighbourhood=_chosen(memory_neighbourhood, defaults.memory_neighbourhood),
             normalized_map=bool(_chosen(normalized_map, defaults.normalized_map)),
             fused_map=bool(_chosen(fused_map, defaults.fused_map)),
+            map_gauss_std=_chosen(map_gauss_std, defaults.map_gauss_std),
         )
         #: Optimiser step at which the memory was last built (``image_score="memory"``), ``None`` before.
         self._memory_step: int | None = None

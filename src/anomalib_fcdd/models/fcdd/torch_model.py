@@ -144,6 +144,8 @@ class FcddModel(nn.Module):
         fused_map: at inference, the map is the sum of the heads' scores and the memory's distances, each divided by
             its spread over normal training positions (:mod:`.map_fusion`), instead of the heads' scores alone. The
             model then keeps the memory whatever ``image_score`` is.
+        map_gauss_std: sigma of the output map's upsampler at inference; ``None`` = ``gauss_std``. The training
+            loss and the memory's image score keep ``gauss_std`` (the paper's 12, sec. 3 / eq. 5's upsampled maps).
     """
 
     def __init__(
@@ -166,6 +168,7 @@ class FcddModel(nn.Module):
         memory_neighbourhood: int = 1,
         normalized_map: bool = False,
         fused_map: bool = False,
+        map_gauss_std: float | None = None,
     ) -> None:
         super().__init__()
         self.image_score = check_image_score(image_score)
@@ -191,10 +194,13 @@ class FcddModel(nn.Module):
         field = derive_receptive_field(self.features)
         #: The reference's upsampler: the training loss's maps and the memory's distances.
         self.upsampler = ReceptiveFieldUpsampler(field, gauss_std)
-        #: The output map's at inference: the same, or its normalised form (``normalized_map``). Parameter-free, so
-        #: neither changes the state dict.
+        #: The output map's at inference: the same, or one of its own width (``map_gauss_std``) or normalised form
+        #: (``normalized_map``). Parameter-free, so neither changes the state dict.
+        map_std = gauss_std if map_gauss_std is None else map_gauss_std
         self.map_upsampler = (
-            ReceptiveFieldUpsampler(field, gauss_std, normalized=True) if normalized_map else self.upsampler
+            self.upsampler
+            if map_std == gauss_std and not normalized_map
+            else ReceptiveFieldUpsampler(field, map_std, normalized=normalized_map)
         )
         self.missing_weights = built.missing_weights
         if self.missing_weights is not None:

@@ -69,6 +69,9 @@ class TrainingDefaults:
     #: The output map adds the memory's distances to the heads' scores, each divided by its spread over normal
     #: training positions (:mod:`..map_fusion`); the heads' scores alone in the paper.
     fused_map: bool = False
+    #: Sigma of the output map's Gaussian upsampler at inference; ``None``: the training loss's (``gauss_std``, the
+    #: paper's 12).
+    map_gauss_std: float | None = None
     frozen_bn_train_mode: bool = True
     #: What fills the confetti blobs (``anomaly_generator.FILLS``): the paper's flat colours by default.
     anomaly_fill: str = "colour"
