@@ -145,7 +145,8 @@ class FcddModel(nn.Module):
             its spread over normal training positions (:mod:`.map_fusion`), instead of the heads' scores alone. The
             model then keeps the memory whatever ``image_score`` is.
         map_gauss_std: sigma of the output map's upsampler at inference; ``None`` = ``gauss_std``. The training
-            loss and the memory's image score keep ``gauss_std`` (the paper's 12, sec. 3 / eq. 5's upsampled maps).
+            loss (eq. 5 is taken on the upsampled map) and the memory's image score keep ``gauss_std`` (12, the
+            reference code's value for MVTec-AD).
     """
 
     def __init__(

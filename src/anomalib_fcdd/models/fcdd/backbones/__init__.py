@@ -70,7 +70,7 @@ TRAINING_DEFAULTS: dict[str, TrainingDefaults] = {
         fused_map=True,
         # the output map upsampled with sigma 8 (the grid's stride) instead of the paper's 12 (training keeps 12):
         # one training per category scored both ways, pixel AP +2.7 to +4.2 points on bottle, brick, grass and gravel,
-        # AUPRO up on all five, pixel AUROC within 0.2 there but Magnetic-Tile -1.2 (offline ANALYSIS.md, "A sharper
+        # AUPRO up on all five, pixel AUROC within 0.25 there but Magnetic-Tile -1.2 (offline ANALYSIS.md, "A sharper
         # output map")
         map_gauss_std=8.0,
         frozen_bn_train_mode=False,
