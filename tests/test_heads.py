@@ -188,7 +188,7 @@ def test_the_multiscale_default_normalizes_its_map_and_the_papers_backbones_do_n
     assert not FcddHsc(pre_trained=False, normalized_map=False).model.map_upsampler.normalized
 
 
-def test_the_multiscale_default_upsamples_its_map_with_sigma_8_and_trains_with_the_papers_12() -> None:
+def test_the_multiscale_default_upsamples_its_map_with_sigma_8_and_trains_with_the_references_12() -> None:
     from anomalib_fcdd.models.fcdd.anomaly_map import gaussian_window
 
     model = FcddHsc(pre_trained=False).model
