@@ -316,10 +316,9 @@ def auroc_table(
 def main(argv: list[str] | None = None) -> int:
     """Train, score, append the section to ``--output``; 2 when the category is missing."""
     args = parse_args(argv)
-    if not (args.mvtec_root / args.category / "train" / "good").is_dir():
-        print(
-            f"No MVTec-layout category {args.category!r} under {args.mvtec_root}; pass --mvtec-root.", file=sys.stderr
-        )
+    from benchmarks.jobs import report_missing_category
+
+    if report_missing_category(args.mvtec_root, args.category):
         return 2
     from benchmarks.bench_training import append_section, machine
     from benchmarks.export_accuracy import train

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,15 @@ def mvtec_layout_categories(root: Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(child.name for child in root.iterdir() if (child / "train" / "good").is_dir())
+
+
+def report_missing_category(root: Path, category: str) -> bool:
+    """``True``, after saying on stderr how to fix it, when ``root`` holds no MVTec-layout ``category`` (no
+    ``train/good``): the research scripts then exit with status 2 before training anything."""
+    if (root / category / "train" / "good").is_dir():
+        return False
+    print(f"No MVTec-layout category {category!r} under {root}; pass --mvtec-root.", file=sys.stderr)
+    return True
 
 
 def resolve_sources(

@@ -62,11 +62,12 @@ def fused_maps_and_masks(model: Any, dataset: Any, batch_size: int) -> tuple[tor
     The test images are decoded straight to the model's input size (the pre-processor's transform), as the package
     prepares them, so images of different sizes are resized once.
     """
+    from benchmarks.gap_diagnosis import batches
+
     net = model.model
     dataset.augmentations = model.pre_processor.transform
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate_fn, num_workers=0)
     maps, masks = [], []
-    for batch in loader:
+    for batch in batches(dataset, batch_size):
         images = model.pre_processor(batch.image)
         features = net.backbone_features(images)
         maps.append(net.map_fusion(net.map_of_features(features), net.memory.distance_map(features)).float())
@@ -93,10 +94,9 @@ def pixel_metrics(scores: np.ndarray, masks: np.ndarray) -> tuple[float, float, 
 def main(argv: list[str] | None = None) -> int:
     """Train, score every sigma, append the section to ``--output``; 2 when the category is missing."""
     args = parse_args(argv)
-    if not (args.mvtec_root / args.category / "train" / "good").is_dir():
-        print(
-            f"No MVTec-layout category {args.category!r} under {args.mvtec_root}; pass --mvtec-root.", file=sys.stderr
-        )
+    from benchmarks.jobs import report_missing_category
+
+    if report_missing_category(args.mvtec_root, args.category):
         return 2
     from anomalib_fcdd.models.fcdd.anomaly_map import ReceptiveFieldUpsampler
     from benchmarks.bench_training import append_section, machine

@@ -123,11 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     from anomalib_fcdd import FcddHsc
     from anomalib_fcdd.data import MVTec
     from benchmarks.bench_training import append_section, machine
+    from benchmarks.jobs import report_missing_category
 
     args = parse_args(argv)
-    if not (args.mvtec_root / args.category / "train" / "good").is_dir():
-        message = f"No MVTec-layout category {args.category!r} under {args.mvtec_root}; pass --mvtec-root."
-        print(message, file=sys.stderr)
+    if report_missing_category(args.mvtec_root, args.category):
         return 2
     started = time.perf_counter()
     datamodule = MVTec(root=args.mvtec_root, category=args.category, num_workers=0)
